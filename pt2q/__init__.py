@@ -1,0 +1,19 @@
+"""pt2q: graph-mode quantization for PyTorch 2 (torch.export + torchao PT2E) on Intel CPU, XPU and Gaudi."""
+import logging as _logging
+
+# torchao logs a line per optional CUDA extension it cannot load on a CPU build: noise for our users.
+_logging.getLogger("torchao").setLevel(_logging.ERROR)
+
+from .api import calibrate, convert, count_quantized_layers, load, prepare, quantize, save  # noqa: E402
+from .capture import capture  # noqa: E402
+from .config import DynamicQuantConfig, StaticQuantConfig  # noqa: E402
+from .errors import CalibrationError, CaptureError, ConfigError, NotPreparedError, Pt2qError  # noqa: E402
+from .quantizers import X86Quantizer, XPUQuantizer  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError", "CaptureError", "ConfigError", "DynamicQuantConfig", "NotPreparedError", "Pt2qError",
+    "StaticQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
+    "count_quantized_layers", "load", "prepare", "quantize", "save",
+]

@@ -1,0 +1,227 @@
+"""prepare / calibrate / convert / quantize / save / load.
+
+    prepared = pt2q.prepare(model, pt2q.StaticQuantConfig(), example_inputs)   # observed GraphModule
+    pt2q.calibrate(prepared, calib_data)                                       # or call it yourself
+    qmodel = pt2q.convert(prepared)                                            # Q/DQ GraphModule
+
+or all at once: `pt2q.quantize(model, config, calib_data, example_inputs=...)`. The user's model is
+never modified; `prepare` works on a capture of it.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import os
+from typing import Any, Iterable
+
+import torch
+from torch.fx import GraphModule
+from torchao.quantization.pt2e.observer import ObserverBase
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+from tqdm.auto import tqdm
+
+from .capture import EXAMPLE_INPUTS_KEY, capture, normalize_inputs
+from .config import DynamicQuantConfig, StaticQuantConfig
+from .errors import CalibrationError, ConfigError, NotPreparedError
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "pt2q_config"
+PREPARED_KEY = "pt2q_prepared"
+QUANTIZED_KEY = "pt2q_quantized"
+_SAVE_FORMAT = 1
+
+Config = StaticQuantConfig | DynamicQuantConfig
+
+
+def _fresh_copy(graph_module: GraphModule) -> GraphModule:
+    """A GraphModule with its own graph and module tree but the same (shared, unmodified) tensors."""
+    copied = GraphModule(graph_module, copy.deepcopy(graph_module.graph), type(graph_module).__name__)
+    copied.meta.update(graph_module.meta)
+    return copied
+
+
+def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, *,
+            dynamic_shapes: Any = None) -> GraphModule:
+    """Capture `model` (unless it is already a pt2q capture) and insert observers per `config`."""
+    if not isinstance(config, (StaticQuantConfig, DynamicQuantConfig)):
+        raise ConfigError(f"config must be a StaticQuantConfig or DynamicQuantConfig, got {type(config).__name__}")
+    if isinstance(model, GraphModule) and EXAMPLE_INPUTS_KEY in model.meta:
+        graph_module = _fresh_copy(model)
+    else:
+        if example_inputs is None:
+            raise ConfigError("prepare() needs example_inputs (a tuple of positional inputs or a dict of "
+                              "keyword inputs) to capture the model")
+        args, kwargs = normalize_inputs(example_inputs)
+        graph_module = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+    prepared = prepare_pt2e(graph_module, config.to_quantizer())
+    prepared.meta[CONFIG_KEY] = config
+    prepared.meta[PREPARED_KEY] = True
+    return prepared
+
+
+def _observers(graph_module: GraphModule) -> dict[str, torch.nn.Module]:
+    return {name: module for name, module in graph_module.named_modules() if isinstance(module, ObserverBase)}
+
+
+def _check_finite_inputs(args: tuple, kwargs: dict, batch_index: int) -> None:
+    named = [(f"positional argument {i}", a) for i, a in enumerate(args)] + \
+            [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for name, value in named:
+        leaves = torch.utils._pytree.tree_leaves(value)
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
+                bad = "NaN" if torch.isnan(leaf).any() else "Inf"
+                raise CalibrationError(f"calibration batch {batch_index}: {name} contains {bad}; "
+                                       "clean the calibration data (observers would record a useless range)")
+
+
+def _sized(data) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def calibrate(prepared: GraphModule, calib_data: Iterable, *, progress: bool = True) -> int:
+    """Run every batch of `calib_data` (tuples of positional inputs or dicts of keyword inputs) through
+    the observed model. Returns the number of batches. Raises CalibrationError on bad data."""
+    if not prepared.meta.get(PREPARED_KEY):
+        raise NotPreparedError("calibrate() takes the model returned by pt2q.prepare()")
+    count = 0
+    batches = tqdm(calib_data, total=_sized(calib_data), desc="pt2q calibrate", unit="batch",
+                   disable=not progress, leave=False)
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            args, kwargs = normalize_inputs(batch)
+            _check_finite_inputs(args, kwargs, index)
+            try:
+                prepared(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - re-raised with the batch index and a hint
+                raise CalibrationError(
+                    f"calibration batch {index} does not fit the captured graph: {error}\nhint: its shapes "
+                    "must match the example inputs, or capture with dynamic_shapes='batch' / 'batch_seq'"
+                ) from error
+            count += 1
+    if count == 0:
+        raise CalibrationError("calib_data is empty: static quantization needs at least one batch")
+    return count
+
+
+def _check_observers(prepared: GraphModule) -> None:
+    """Every observer saw finite data; name the observed node otherwise."""
+    observed_node = {n.target: n.args[0] for n in prepared.graph.nodes if n.op == "call_module"}
+    for name, observer in _observers(prepared).items():
+        low, high = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
+        if low is None or high is None or getattr(observer, "is_dynamic", False):
+            continue
+        source = observed_node.get(name)
+        where = f"the output of node {source.name!r}" if source is not None else f"observer {name}"
+        if low.numel() and (torch.isinf(low).all() and torch.isinf(high).all()) and low.min() > 0:
+            raise CalibrationError(f"{where} was never observed: run calibration data through the prepared "
+                                   "model before convert()")
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise CalibrationError(f"{where} produced NaN/Inf during calibration; check the model's numerics "
+                                   "on the calibration data, or keep that layer in fp32 with set_local(..., None)")
+
+
+def convert(prepared: GraphModule) -> GraphModule:
+    """Turn a calibrated observed model into a Q/DQ GraphModule (torchao's `convert_pt2e`)."""
+    if not isinstance(prepared, GraphModule) or not _observers(prepared):
+        raise NotPreparedError(
+            f"convert() takes a model returned by pt2q.prepare() (or torchao prepare_pt2e) and calibrated; "
+            f"got a {type(prepared).__name__} with no observers")
+    _check_observers(prepared)
+    meta = dict(prepared.meta)
+    quantized = convert_pt2e(prepared)
+    quantized.meta.update(meta)
+    quantized.meta.pop(PREPARED_KEY, None)
+    quantized.meta[QUANTIZED_KEY] = True
+    return quantized
+
+
+def quantize(model: torch.nn.Module, config: Config, calib_data: Iterable | None = None, *,
+             example_inputs: Any = None, dynamic_shapes: Any = None, progress: bool = True) -> GraphModule:
+    """prepare + calibrate + convert in one call.
+
+    `calib_data`: an iterable of batches, each a tuple of positional inputs or a dict of keyword inputs.
+    Required for static quantization; optional for dynamic. `example_inputs` defaults to the first batch.
+    """
+    if calib_data is not None:
+        iterator = iter(calib_data)
+        first = next(iterator, None)
+        if first is None:
+            raise CalibrationError("calib_data is empty: give at least one batch")
+        total = _sized(calib_data)
+        calib_data = itertools.chain([first], iterator)
+        if total is not None:
+            calib_data = _WithLength(calib_data, total)
+        example_inputs = first if example_inputs is None else example_inputs
+    elif not getattr(config, "is_dynamic", False):
+        raise CalibrationError("static quantization needs calib_data (an iterable of input batches); "
+                               "use DynamicQuantConfig to quantize without calibration")
+    if example_inputs is None:
+        raise ConfigError("quantize() needs example_inputs when calib_data is not given")
+    prepared = prepare(model, config, example_inputs, dynamic_shapes=dynamic_shapes)
+    # Dynamic configs still run once: weight observers record the weights' ranges.
+    calibrate(prepared, calib_data if calib_data is not None else [example_inputs], progress=progress)
+    return convert(prepared)
+
+
+class _WithLength:
+    """An iterable with a known length (so the progress bar shows a total)."""
+
+    def __init__(self, iterable, length):
+        self.iterable, self.length = iterable, length
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __len__(self):
+        return self.length
+
+
+def _saved_metadata(qmodel: GraphModule) -> dict:
+    config = qmodel.meta.get(CONFIG_KEY)
+    return {"format": _SAVE_FORMAT, "backend": getattr(config, "backend", None),
+            "mixed_bf16": bool(getattr(config, "mixed_bf16", False)),
+            "dynamic": bool(getattr(config, "is_dynamic", False))}
+
+
+def save(qmodel: GraphModule, path: str | os.PathLike) -> None:
+    """Save a quantized (or any pt2q-captured) model as a torch.export archive (`.pt2`)."""
+    if EXAMPLE_INPUTS_KEY not in getattr(qmodel, "meta", {}):
+        raise ConfigError("save() takes a model produced by pt2q (quantize/convert/capture)")
+    args, kwargs = qmodel.meta[EXAMPLE_INPUTS_KEY]
+    exported = torch.export.export(qmodel, args, kwargs, dynamic_shapes=qmodel.meta.get("pt2q_dynamic_shapes"))
+    torch.export.save(exported, path, extra_files={"pt2q.json": json.dumps(_saved_metadata(qmodel))})
+
+
+def load(path: str | os.PathLike) -> GraphModule:
+    """Load a model saved by `save`. Uses torch.export's serialization: no pickled code is executed."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers the quantized_decomposed ops
+
+    extra = {"pt2q.json": ""}
+    exported = torch.export.load(path, extra_files=extra)
+    graph_module = exported.module()
+    metadata = json.loads(extra["pt2q.json"] or "{}")
+    graph_module.meta[QUANTIZED_KEY] = True
+    graph_module.meta["pt2q_saved_metadata"] = metadata
+    if metadata.get("backend"):
+        cls = DynamicQuantConfig if metadata.get("dynamic") else StaticQuantConfig
+        graph_module.meta[CONFIG_KEY] = cls(backend=metadata["backend"], mixed_bf16=metadata["mixed_bf16"])
+    return graph_module
+
+
+def count_quantized_layers(qmodel: GraphModule) -> int:
+    """Number of weighted layers (linear/conv) whose weight is dequantized from int8 in the graph."""
+    from .quantizers import weighted_ops
+
+    dequant_ops = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
+                   torch.ops.quantized_decomposed.dequantize_per_tensor.default}
+    return sum(1 for node in qmodel.graph.nodes
+               if node.target in weighted_ops() and len(node.args) > 1
+               and getattr(node.args[1], "target", None) in dequant_ops)
+

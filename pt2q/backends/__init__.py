@@ -1,0 +1,1 @@
+"""Backend lowerings, one sub-package per target. `inductor` (Intel CPU) runs on this machine."""

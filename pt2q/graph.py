@@ -1,0 +1,77 @@
+"""Small helpers shared by passes, quantizers and backends: node metadata, constants, graph views."""
+from __future__ import annotations
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+# Ops that only re-view their first argument: data flows through them unchanged.
+VIEW_OPS = frozenset({
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.contiguous.default,
+    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.alias.default,
+})
+
+
+def tensor_meta(node) -> torch.Tensor | None:
+    """The fake tensor export recorded for `node`'s output, or None when it is not a single tensor."""
+    value = node.meta.get("val") if isinstance(node, Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def is_float_tensor(node) -> bool:
+    value = tensor_meta(node)
+    return value is not None and value.dtype.is_floating_point
+
+
+def module_stack(node: Node) -> list[tuple[str, str]]:
+    """(fully qualified module name, class path) of the modules enclosing `node`, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(str(fqn), cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}")
+            for fqn, cls in stack.values()]
+
+
+def module_fqn(node: Node) -> str:
+    """Name of the innermost module that produced `node`, as in `model.named_modules()` ('' at top level)."""
+    stack = module_stack(node)
+    return stack[-1][0] if stack else ""
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def get_constant(gm: GraphModule, node) -> torch.Tensor | None:
+    """The tensor behind a `get_attr` node (a parameter, buffer or constant), else None."""
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def add_constant(gm: GraphModule, name_hint: str, value: torch.Tensor) -> str:
+    """Register `value` as a new buffer on `gm` under a free name derived from `name_hint`; returns it."""
+    base = name_hint.replace(".", "_")
+    name, suffix = base, 0
+    while hasattr(gm, name):
+        suffix += 1
+        name = f"{base}_{suffix}"
+    gm.register_buffer(name, value)
+    return name
+
+
+def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
+    """Directed data-flow graph of an FX graph: node names as vertices, `node` attribute holds the Node."""
+    view = nx.DiGraph()
+    for node in graph.nodes:
+        view.add_node(node.name, node=node)
+        for arg in node.all_input_nodes:
+            view.add_edge(arg.name, node.name)
+    return view

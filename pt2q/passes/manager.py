@@ -1,0 +1,58 @@
+"""The pass manager: runs a declared list of passes in order, checks the graph after each and times them.
+
+A pass is any object with `call(graph_module) -> PassResult` (torch's `PassBase` subclasses qualify) and a
+`name`. Observers registered with `add_observer` see every intermediate graph (the dump tool uses this).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GraphPass", "PassManager", "PassRecord", "PassResult"]
+
+
+class GraphPass(Protocol):
+    name: str
+
+    def call(self, graph_module: GraphModule) -> PassResult: ...
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    report: object = None
+
+
+@dataclass
+class PassManager:
+    passes: Sequence[GraphPass]
+    observers: list[Callable[[str, GraphModule, PassRecord], None]] = field(default_factory=list)
+
+    def add_observer(self, observer: Callable[[str, GraphModule, PassRecord], None]) -> None:
+        self.observers.append(observer)
+
+    def __call__(self, graph_module: GraphModule) -> tuple[GraphModule, list[PassRecord]]:
+        records = []
+        for graph_pass in self.passes:
+            start = time.perf_counter()
+            result = graph_pass.call(graph_module)
+            graph_module = result.graph_module
+            if result.modified:
+                graph_module.graph.lint()
+                graph_module.recompile()
+            record = PassRecord(graph_pass.name, time.perf_counter() - start, result.modified,
+                                getattr(graph_pass, "report", None))
+            log.debug("pass %s: %.3fs modified=%s", record.name, record.seconds, record.modified)
+            records.append(record)
+            for observer in self.observers:
+                observer(graph_pass.name, graph_module, record)
+        return graph_module, records
