@@ -10,6 +10,7 @@ never modified; `prepare` works on a capture of it.
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import json
 import logging
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .capture import EXAMPLE_INPUTS_KEY, capture, normalize_inputs
 from .config import DynamicQuantConfig, StaticQuantConfig
-from .errors import CalibrationError, ConfigError, NotPreparedError
+from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,12 @@ def _check_observers(prepared: GraphModule) -> None:
 
 def convert(prepared: GraphModule) -> GraphModule:
     """Turn a calibrated observed model into a Q/DQ GraphModule (torchao's `convert_pt2e`)."""
-    if not isinstance(prepared, GraphModule) or not _observers(prepared):
+    if not isinstance(prepared, GraphModule) or not (_observers(prepared) or prepared.meta.get(PREPARED_KEY)):
         raise NotPreparedError(
             f"convert() takes a model returned by pt2q.prepare() (or torchao prepare_pt2e) and calibrated; "
             f"got a {type(prepared).__name__} with no observers")
+    if not _observers(prepared):  # prepared by pt2q, but the config keeps every layer in fp32
+        log.warning("convert(): the config quantizes no layer of this model; it stays in fp32")
     _check_observers(prepared)
     meta = dict(prepared.meta)
     quantized = convert_pt2e(prepared)
@@ -199,12 +202,56 @@ def save(qmodel: GraphModule, path: str | os.PathLike) -> None:
     torch.export.save(exported, path, extra_files={"pt2q.json": json.dumps(_saved_metadata(qmodel))})
 
 
+def _check_archive_is_pickle_free(data: bytes, path) -> None:
+    """Refuse archives that would make torch.export.load run code: in torch 2.13 it unpickles with
+    `weights_only=False` tensor-subclass payloads (`use_pickle`), opaque constants, sample inputs that
+    fail the weights-only unpickler (a silent fallback) and the legacy format, and it dlopens AOTI
+    libraries. `save` writes none of these: weights are raw bytes, sample inputs plain tensors."""
+    from torch.export.pt2_archive import constants as pt2
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+
+    def refuse(why: str):
+        raise Pt2qError(f"load({os.fspath(path) if isinstance(path, (str, os.PathLike)) else path!r}): {why}; "
+                        "refusing to load it (it could execute code). Only load files written by pt2q.save()")
+
+    try:
+        reader = PT2ArchiveReader(io.BytesIO(data))
+        names = reader.get_file_names()
+    except Exception as error:  # noqa: BLE001
+        refuse(f"not a torch.export archive ({type(error).__name__}: {error})")
+    if pt2.ARCHIVE_VERSION_PATH not in names:
+        refuse("legacy (pre-PT2-archive) torch.export format")
+    for name in names:
+        if name.startswith(pt2.AOTINDUCTOR_DIR):
+            refuse(f"contains an AOTInductor library ({name})")
+        if name.startswith((pt2.WEIGHTS_DIR, pt2.CONSTANTS_DIR)) and name.endswith(".pt"):
+            refuse(f"contains pickled weights ({name})")
+        if name.startswith((pt2.WEIGHTS_DIR, pt2.CONSTANTS_DIR)) and name.endswith("_config.json"):
+            for fqn, meta in json.loads(reader.read_string(name)).get("config", {}).items():
+                if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
+                        (pt2.WEIGHT_FILENAME_PREFIX, pt2.TENSOR_CONSTANT_FILENAME_PREFIX)):
+                    refuse(f"{fqn!r} is stored as a pickled object ({name})")
+        if name.startswith(pt2.SAMPLE_INPUTS_DIR):
+            try:
+                torch.load(io.BytesIO(reader.read_bytes(name)), weights_only=True)
+            except Exception as error:  # noqa: BLE001
+                refuse(f"its sample inputs ({name}) are not plain tensors: {type(error).__name__}")
+
+
 def load(path: str | os.PathLike) -> GraphModule:
-    """Load a model saved by `save`. Uses torch.export's serialization: no pickled code is executed."""
+    """Load a model saved by `save`. Uses torch.export's serialization; archives holding pickled objects
+    (which torch.export.load would unpickle without `weights_only`) are refused, so no pickled code runs."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers the quantized_decomposed ops
 
+    if hasattr(path, "read"):
+        data = path.read()
+    else:
+        with open(path, "rb") as file:
+            data = file.read()
+    _check_archive_is_pickle_free(data, path)
     extra = {"pt2q.json": ""}
-    exported = torch.export.load(path, extra_files=extra)
+    # Load the bytes that were checked (not the path again, which could have changed meanwhile).
+    exported = torch.export.load(io.BytesIO(data), extra_files=extra)
     graph_module = exported.module()
     metadata = json.loads(extra["pt2q.json"] or "{}")
     graph_module.meta[QUANTIZED_KEY] = True

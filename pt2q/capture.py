@@ -9,7 +9,7 @@ import contextlib
 from typing import Any
 
 import torch
-from torch.export import Dim
+from torch.export import Dim, ShapesCollection
 from torch.fx import GraphModule
 
 from .errors import CaptureError
@@ -57,7 +57,7 @@ def capture_mode(model: torch.nn.Module):
             config.use_cache = old_use_cache
 
 
-def _expand_dynamic_shorthand(spec: str, args: tuple, kwargs: dict):
+def _expand_dynamic_shorthand(spec: str, model: torch.nn.Module, args: tuple, kwargs: dict):
     """'batch' -> dim 0 of every tensor input dynamic; 'batch_seq' -> also dim 1 of every 2-D input."""
     if spec not in _DYNAMIC_SHORTHANDS:
         raise CaptureError(f"dynamic_shapes={spec!r} is not a known shorthand; use one of "
@@ -70,7 +70,14 @@ def _expand_dynamic_shorthand(spec: str, args: tuple, kwargs: dict):
         chosen = [d for d in dims if d < value.dim() and (d == 0 or value.dim() == 2)]
         return {d: Dim.AUTO for d in chosen} or None
 
-    return (tuple(for_value(a) for a in args), {k: for_value(v) for k, v in kwargs.items()})
+    # torch.export wants the spec shaped like the inputs bound to forward's signature (a tuple/dict
+    # per parameter, not (args, kwargs)); ShapesCollection builds that structure from the tensors.
+    shapes = ShapesCollection()
+    for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+        dims_spec = for_value(leaf)
+        if dims_spec is not None:
+            shapes[leaf] = dims_spec
+    return shapes.dynamic_shapes(model, args, kwargs)
 
 
 def _hint_for(error: BaseException) -> str:
@@ -102,7 +109,7 @@ def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
     kwargs = dict(kwargs or {})
     args = tuple(args)
     if isinstance(dynamic_shapes, str):
-        dynamic_shapes = _expand_dynamic_shorthand(dynamic_shapes, args, kwargs)
+        dynamic_shapes = _expand_dynamic_shorthand(dynamic_shapes, model, args, kwargs)
     with capture_mode(model), torch.no_grad():
         try:
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)

@@ -76,15 +76,15 @@ class StaticQuantConfig(_Config):
     """Static int8: activation qparams from calibration.
 
     backend: "x86" (uint8 activations) or "xpu" (int8 activations).
-    activation_observer: "minmax" (default; one pass, fast), "histogram" (slower, clips outliers),
-        "moving_average".
+    activation_observer: "histogram" (default: MSE-optimal clipping of outliers; on MiniLM mean
+        cosine 0.9939 vs 0.9933 for "minmax"), "minmax" (exact ranges), "moving_average".
     weight_granularity: "per_channel" (default) or "per_tensor".
     mixed_bf16: run the non-quantized ops in bfloat16 (int8-mixed-bf16) when compiled.
     quantize_attention_matmul: also quantize activation x activation matmuls (eager attention).
     """
 
     backend: str = "x86"
-    activation_observer: str = "minmax"
+    activation_observer: str = "histogram"
     weight_granularity: str = "per_channel"
     mixed_bf16: bool = False
     quantize_attention_matmul: bool = False

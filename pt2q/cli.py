@@ -1,0 +1,49 @@
+"""The `pt2q` command line: `pt2q demo` runs the main job on the embedded MiniLM."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings, format_report, run_demo, write_json
+
+    settings = DemoSettings(batch_size=args.batch_size, seq_len=args.seq_len, calib_batches=args.calib_batches,
+                            eval_sentences=args.eval_sentences, latency_runs=args.latency_runs,
+                            activation_observer=args.observer, progress=not args.no_progress)
+    report = run_demo(settings)
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pt2q", description="Graph-mode quantization for PyTorch 2.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log pt2q's progress and kernel reports")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="static int8 on the embedded all-MiniLM-L6-v2: speed and accuracy")
+    demo.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--seq-len", type=int, default=128)
+    demo.add_argument("--calib-batches", type=int, default=4)
+    demo.add_argument("--eval-sentences", type=int, default=256, help="at least one batch; multiple of batch size")
+    demo.add_argument("--latency-runs", type=int, default=10)
+    demo.add_argument("--observer", default="histogram", choices=["minmax", "histogram", "moving_average"])
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    for noisy in ("torch", "torchao"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

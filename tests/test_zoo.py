@@ -1,0 +1,85 @@
+"""Every zoo model, captured as-is, quantizes end to end: accuracy, full layer coverage, model untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pt2q
+from tests.conftest import ModelSnapshot, call, fp32_weighted_layers, rel_error
+from tests.models import ZOO_NAMES, build
+
+REL_ERROR_BOUND = 0.03
+# ResNet's 4x4 feature map before pooling (last_hidden_state): 0.0298 with the histogram observer,
+# 0.0316 with minmax. torchao's own X86InductorQuantizer measures the same ~0.030 on this tiny random
+# model, so the looser bound reflects the model, not a pt2q shortfall.
+RESNET_SPATIAL_BOUND = 0.035
+
+
+def _quantize(zm, config):
+    calib = [(zm.args, zm.kwargs)]
+    if isinstance(config, pt2q.DynamicQuantConfig):
+        return pt2q.quantize(zm.model, config, example_inputs=(zm.args, zm.kwargs), progress=False)
+    return pt2q.quantize(zm.model, config, calib, progress=False)
+
+
+def _check(zm, qmodel):
+    expected = zm.run()
+    output = call(qmodel, zm.args, zm.kwargs)
+    actual = zm.output_fn(output)
+    assert actual.shape == expected.shape
+    assert torch.isfinite(actual).all()
+    error = rel_error(actual, expected)
+    assert error <= REL_ERROR_BOUND, f"{zm.name}: relative error {error:.4f} > {REL_ERROR_BOUND}"
+    assert error > 0, f"{zm.name}: output identical to fp32, nothing was quantized"
+    assert pt2q.count_quantized_layers(qmodel) == zm.num_quantizable, \
+        f"{zm.name}: fp32 layers left: {fp32_weighted_layers(qmodel)}"
+    assert fp32_weighted_layers(qmodel) == []
+    return output
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_static_quantization(name):
+    zm = build(name)
+    snap = ModelSnapshot(zm.model)
+    qmodel = _quantize(zm, pt2q.StaticQuantConfig())
+    snap.assert_unchanged()
+    output = _check(zm, qmodel)
+    snap.assert_unchanged()
+    if name == "resnet":
+        with torch.no_grad():
+            expected = zm.model(*zm.args, **zm.kwargs).last_hidden_state
+        error = rel_error(output.last_hidden_state, expected)
+        assert error <= RESNET_SPATIAL_BOUND, f"resnet last_hidden_state relative error {error:.4f}"
+
+
+def test_resnet_feature_map_with_minmax_observer():
+    zm = build("resnet")
+    qmodel = _quantize(zm, pt2q.StaticQuantConfig(activation_observer="minmax"))
+    output = _check(zm, qmodel)
+    with torch.no_grad():
+        expected = zm.model(*zm.args, **zm.kwargs).last_hidden_state
+    assert rel_error(output.last_hidden_state, expected) <= RESNET_SPATIAL_BOUND
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "mlp"])
+def test_dynamic_quantization(name):
+    zm = build(name)
+    snap = ModelSnapshot(zm.model)
+    qmodel = _quantize(zm, pt2q.DynamicQuantConfig())
+    _check(zm, qmodel)
+    snap.assert_unchanged()
+    # dynamic: activation qparams are computed at run time, none were calibrated
+    targets = {n.target for n in qmodel.graph.nodes if n.op == "call_function"}
+    assert torch.ops.quantized_decomposed.choose_qparams.tensor in targets
+    assert torch.ops.quantized_decomposed.quantize_per_tensor.default not in targets
+
+
+def test_training_flag_and_use_cache_survive_quantization():
+    zm = build("llama")
+    zm.model.train()
+    zm.model.config.use_cache = True
+    snap = ModelSnapshot(zm.model)
+    qmodel = _quantize(zm, pt2q.StaticQuantConfig())
+    snap.assert_unchanged()
+    assert zm.model.training and zm.model.config.use_cache is True
+    assert pt2q.count_quantized_layers(qmodel) == zm.num_quantizable

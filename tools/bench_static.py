@@ -1,0 +1,124 @@
+"""Static int8 on real all-MiniLM-L6-v2: pt2q's X86Quantizer vs torchao's X86InductorQuantizer.
+
+Same process, same model, same calibration and evaluation text, same Inductor settings (freezing on).
+Compile times are cold: every compile starts from empty Inductor caches (identical graphs would
+otherwise reuse each other's kernels). Latencies are medians
+over interleaved rounds, so machine noise hits every contender alike. A contender that crashes is
+recorded with its error and the tail of its traceback. Writes JSON (stdout, or --out PATH).
+
+    .venv/bin/python tools/bench_static.py --out bench_static.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch._inductor.config as inductor_config  # noqa: E402
+
+import pt2q  # noqa: E402
+from pt2q import demo, textdata  # noqa: E402
+from pt2q.backends import inductor  # noqa: E402
+
+
+def pt2q_contender(model, calib, example):
+    qmodel, quantize_seconds = demo.timed(pt2q.quantize, model, pt2q.StaticQuantConfig(), calib, progress=False)
+    compiled, compile_seconds = demo.timed_cold(inductor.compile, qmodel, example)
+    return compiled, {"quantize_seconds": quantize_seconds, "compile_seconds": compile_seconds,
+                      "int8_kernels": compiled.int8_kernels}
+
+
+def torchao_contender(model, calib, example):
+    """torchao's documented PT2E recipe for X86 Inductor."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    start = time.perf_counter()
+    exported = torch.export.export(model, (), example).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in calib:
+            prepared(**batch)
+    qmodel = convert_pt2e(prepared)
+    quantize_seconds = time.perf_counter() - start
+    def compile_and_warm():
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            compiled = torch.compile(qmodel)
+            compiled(**example)
+        return compiled
+    compiled, compile_seconds = demo.timed_cold(compile_and_warm)
+
+    def run(**batch):
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return compiled(**batch)
+    return run, {"quantize_seconds": quantize_seconds, "compile_seconds": compile_seconds}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="JSON output path (default: stdout)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--eval-sentences", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    parser.add_argument("--runs", type=int, default=5, help="timed calls per contender per round")
+    args = parser.parse_args(argv)
+
+    tokenizer, model = demo.load_minilm()
+    calib_texts, eval_texts = textdata.split(args.calib_batches * args.batch_size, args.eval_sentences)
+    calib = demo.encode_batches(tokenizer, calib_texts, args.batch_size, args.seq_len)
+    evaluation = demo.encode_batches(tokenizer, eval_texts, args.batch_size, args.seq_len)
+    example = evaluation[0]
+
+    results: dict = {"settings": vars(args), "versions": {"torch": torch.__version__,
+                                                          "threads": torch.get_num_threads()}}
+    fp32_compiled, fp32_compile = demo.timed_cold(inductor.compile, pt2q.capture(model, (), example), example)
+    results["fp32_inductor"] = {"compile_seconds": fp32_compile}
+    runners = {"fp32_eager": model, "fp32_inductor": fp32_compiled}
+    for name, contender in (("pt2q", pt2q_contender), ("torchao", torchao_contender)):
+        try:
+            runner, figures = contender(model, calib, example)
+        except Exception as error:  # noqa: BLE001 - a crash is a result to record
+            results[name] = {"crashed": True, "error": f"{type(error).__name__}: {error}"[:2000],
+                             "traceback_tail": traceback.format_exc().splitlines()[-12:]}
+            continue
+        cosines = demo.embedding_cosines(model, runner, evaluation)
+        figures.update(mean_cosine=cosines.mean().item(), min_cosine=cosines.min().item(),
+                       compile_vs_fp32_compile=figures["compile_seconds"] / fp32_compile)
+        results[name] = figures
+        runners[name] = runner
+
+    latencies = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            latencies[name].append(demo.median_latency(runner, example, args.runs, warmup=1))
+    for name, values in latencies.items():
+        results.setdefault(name, {})["latency_seconds"] = sorted(values)[len(values) // 2]
+    fp32_latency = results["fp32_inductor"]["latency_seconds"]
+    for name in ("pt2q", "torchao"):
+        if "latency_seconds" in results.get(name, {}):
+            results[name]["int8_over_fp32_latency"] = results[name]["latency_seconds"] / fp32_latency
+            results[name]["speedup_vs_fp32_inductor"] = fp32_latency / results[name]["latency_seconds"]
+    if "latency_seconds" in results.get("torchao", {}):
+        results["pt2q_vs_torchao"] = {
+            "latency_ratio": results["pt2q"]["latency_seconds"] / results["torchao"]["latency_seconds"],
+            "quantize_time_ratio": results["pt2q"]["quantize_seconds"] / results["torchao"]["quantize_seconds"],
+        }
+    text = json.dumps(results, indent=2)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
