@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # everything offline: the zoo builds from configs
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -54,11 +54,6 @@ class ModelSnapshot:
         assert {n: m.training for n, m in self.model.named_modules()} == self.training
         config = getattr(self.model, "config", None)
         assert getattr(config, "use_cache", None) == self.use_cache
-
-
-@pytest.fixture
-def snapshot():
-    return ModelSnapshot
 
 
 # -- graph inspection helpers (imported by the test modules as `from tests.conftest import ...`) -------

@@ -51,6 +51,16 @@ def test_manual_flow_equals_quantize(model):
     assert rel_error(call(auto, kwargs=probe), reference) < 0.05
 
 
+def test_converted_model_keeps_no_fp32_copy_of_quantized_weights(model):
+    qmodel = pt2q.quantize(model, StaticQuantConfig(), [_batch()], progress=False)
+    names = dict(qmodel.named_parameters()) | dict(qmodel.named_buffers())
+    assert "a.weight" not in names and "b.weight" not in names
+    assert "a.bias" in names  # still read by the graph
+    used = {n.target for n in qmodel.graph.nodes if n.op == "get_attr"}
+    assert set(names) <= used
+    assert model.a.weight.shape == (8, 8)  # only the quantized module lost the attribute
+
+
 def test_calibrate_returns_batch_count(model):
     data = [_batch() for _ in range(5)]
     prepared = pt2q.prepare(model, StaticQuantConfig(), data[0])
@@ -196,9 +206,13 @@ def test_convert_plain_module_not_prepared(model):
 
 
 def test_convert_capture_without_observers(model):
+    snap = ModelSnapshot(model)
     captured = pt2q.capture(model, kwargs=_batch())
+    nodes_before = len(captured.graph.nodes)
     with pytest.raises(NotPreparedError, match="GraphModule with no observers"):
         pt2q.convert(captured)
+    assert len(captured.graph.nodes) == nodes_before
+    snap.assert_unchanged()
     assert isinstance(NotPreparedError("x"), TypeError)
 
 

@@ -110,6 +110,16 @@ def test_saved_file_is_a_torch_export_archive(saved_mlp):
     assert torch.equal(exported.module()(*zm.args), call(qmodel, zm.args))
 
 
+def test_saved_weights_are_smaller_than_fp32(saved_mlp):
+    """Only the int8 weights are stored, not also the fp32 originals convert_pt2e leaves behind."""
+    zm, _, path = saved_mlp
+    with zipfile.ZipFile(path) as archive:
+        weight_bytes = sum(i.file_size for i in archive.infolist()
+                           if "/data/weights/weight_" in i.filename or "/data/constants/tensor_" in i.filename)
+    fp32_bytes = sum(t.numel() * t.element_size() for t in zm.model.state_dict().values())
+    assert weight_bytes < 0.5 * fp32_bytes
+
+
 def test_loaded_metadata(saved_mlp):
     _, _, path = saved_mlp
     loaded = pt2q.load(path)
