@@ -26,12 +26,15 @@ from tqdm.auto import tqdm
 from .capture import EXAMPLE_INPUTS_KEY, capture, normalize_inputs
 from .config import DynamicQuantConfig, StaticQuantConfig
 from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
+from .quantizers import QUANTIZERS
 
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "pt2q_config"
 PREPARED_KEY = "pt2q_prepared"
 QUANTIZED_KEY = "pt2q_quantized"
+SMOOTH_QUANT_PLAN_KEY = "pt2q_smooth_quant_plan"
+SMOOTH_QUANT_REPORT_KEY = "pt2q_smooth_quant_report"
 _SAVE_FORMAT = 1
 
 Config = StaticQuantConfig | DynamicQuantConfig
@@ -57,7 +60,13 @@ def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, 
                               "keyword inputs) to capture the model")
         args, kwargs = normalize_inputs(example_inputs)
         graph_module = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+    smooth_quant_plan = None
+    if getattr(config, "smooth_quant", None) is not None:
+        from .smooth_quant import insert as insert_smooth_quant
+
+        smooth_quant_plan = insert_smooth_quant(graph_module, config.smooth_quant)
     prepared = prepare_pt2e(graph_module, config.to_quantizer())
+    prepared.meta[SMOOTH_QUANT_PLAN_KEY] = smooth_quant_plan
     prepared.meta[CONFIG_KEY] = config
     prepared.meta[PREPARED_KEY] = True
     return prepared
@@ -91,15 +100,20 @@ def calibrate(prepared: GraphModule, calib_data: Iterable, *, progress: bool = T
     the observed model. Returns the number of batches. Raises CalibrationError on bad data."""
     if not prepared.meta.get(PREPARED_KEY):
         raise NotPreparedError("calibrate() takes the model returned by pt2q.prepare()")
+    return run_calibration(prepared, calib_data, progress=progress)
+
+
+def run_calibration(graph_module: GraphModule, calib_data: Iterable, *, progress: bool = True,
+                    desc: str = "pt2q calibrate") -> int:
     count = 0
-    batches = tqdm(calib_data, total=_sized(calib_data), desc="pt2q calibrate", unit="batch",
+    batches = tqdm(calib_data, total=_sized(calib_data), desc=desc, unit="batch",
                    disable=not progress, leave=False)
     with torch.no_grad():
         for index, batch in enumerate(batches):
             args, kwargs = normalize_inputs(batch)
             _check_finite_inputs(args, kwargs, index)
             try:
-                prepared(*args, **kwargs)
+                graph_module(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - re-raised with the batch index and a hint
                 raise CalibrationError(
                     f"calibration batch {index} does not fit the captured graph: {error}\nhint: its shapes "
@@ -128,6 +142,21 @@ def _check_observers(prepared: GraphModule) -> None:
                                    "on the calibration data, or keep that layer in fp32 with set_local(..., None)")
 
 
+def _drop_unused_tensors(graph_module: GraphModule) -> None:
+    """convert_pt2e leaves the fp32 weights of quantized layers attached though nothing reads them any
+    more; drop them so the quantized model (and a file `save` writes) holds only the int8 copies.
+    Only this module's attributes go: the user's model and its tensors are untouched."""
+    used = {node.target for node in graph_module.graph.nodes if node.op in ("get_attr", "call_module")}
+    used_prefixes = tuple(f"{target}." for target in used)
+    named = itertools.chain(graph_module.named_parameters(remove_duplicate=False),
+                            graph_module.named_buffers(remove_duplicate=False))
+    for name in [name for name, _ in named if name not in used and not name.startswith(used_prefixes)]:
+        owner, _, attr = name.rpartition(".")
+        module = graph_module.get_submodule(owner)
+        if hasattr(module, attr):
+            delattr(module, attr)
+
+
 def convert(prepared: GraphModule) -> GraphModule:
     """Turn a calibrated observed model into a Q/DQ GraphModule (torchao's `convert_pt2e`)."""
     if not isinstance(prepared, GraphModule) or not (_observers(prepared) or prepared.meta.get(PREPARED_KEY)):
@@ -136,9 +165,16 @@ def convert(prepared: GraphModule) -> GraphModule:
             f"got a {type(prepared).__name__} with no observers")
     if not _observers(prepared):  # prepared by pt2q, but the config keeps every layer in fp32
         log.warning("convert(): the config quantizes no layer of this model; it stays in fp32")
+    plan = prepared.meta.pop(SMOOTH_QUANT_PLAN_KEY, None)
+    if plan is not None:
+        info = torch.iinfo(QUANTIZERS[prepared.meta[CONFIG_KEY].backend].activation_dtype)
+        report = plan.apply(prepared, activation_range=(info.min, info.max))
+        prepared.meta[SMOOTH_QUANT_REPORT_KEY] = report
+        log.info("%s", report.summary())
     _check_observers(prepared)
     meta = dict(prepared.meta)
     quantized = convert_pt2e(prepared)
+    _drop_unused_tensors(quantized)
     quantized.meta.update(meta)
     quantized.meta.pop(PREPARED_KEY, None)
     quantized.meta[QUANTIZED_KEY] = True

@@ -81,6 +81,7 @@ class StaticQuantConfig(_Config):
     weight_granularity: "per_channel" (default) or "per_tensor".
     mixed_bf16: run the non-quantized ops in bfloat16 (int8-mixed-bf16) when compiled.
     quantize_attention_matmul: also quantize activation x activation matmuls (eager attention).
+    smooth_quant: a `pt2q.SmoothQuantConfig` to smooth activation outliers (same calibration pass).
     """
 
     backend: str = "x86"
@@ -88,10 +89,16 @@ class StaticQuantConfig(_Config):
     weight_granularity: str = "per_channel"
     mixed_bf16: bool = False
     quantize_attention_matmul: bool = False
+    smooth_quant: Any = None
     local_rules: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         self._validate_common()
+        from .smooth_quant import SmoothQuantConfig
+
+        if self.smooth_quant is not None and not isinstance(self.smooth_quant, SmoothQuantConfig):
+            raise ConfigError(f"StaticQuantConfig.smooth_quant must be a pt2q.SmoothQuantConfig or None, "
+                              f"got {type(self.smooth_quant).__name__}")
         if self.activation_observer not in ACTIVATION_OBSERVERS:
             raise ConfigError(f"StaticQuantConfig.activation_observer={self.activation_observer!r}; valid: "
                               f"{sorted(ACTIVATION_OBSERVERS)}")
