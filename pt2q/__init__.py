@@ -6,7 +6,7 @@ _logging.getLogger("torchao").setLevel(_logging.ERROR)
 
 from .api import calibrate, convert, count_quantized_layers, load, prepare, quantize, save  # noqa: E402
 from .capture import capture  # noqa: E402
-from .config import DynamicQuantConfig, StaticQuantConfig  # noqa: E402
+from .config import DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig  # noqa: E402
 from .errors import CalibrationError, CaptureError, ConfigError, NotPreparedError, Pt2qError  # noqa: E402
 from .quantizers import X86Quantizer, XPUQuantizer  # noqa: E402
 from .smooth_quant import SmoothQuantConfig, smooth_quant  # noqa: E402
@@ -15,6 +15,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationError", "CaptureError", "ConfigError", "DynamicQuantConfig", "NotPreparedError", "Pt2qError",
-    "SmoothQuantConfig", "StaticQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
+    "SmoothQuantConfig", "StaticQuantConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
     "count_quantized_layers", "load", "prepare", "quantize", "save", "smooth_quant",
 ]

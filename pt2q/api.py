@@ -20,12 +20,14 @@ from typing import Any, Iterable
 import torch
 from torch.fx import GraphModule
 from torchao.quantization.pt2e.observer import ObserverBase
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from tqdm.auto import tqdm
 
 from .capture import EXAMPLE_INPUTS_KEY, capture, normalize_inputs
-from .config import DynamicQuantConfig, StaticQuantConfig
+from .config import DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig
 from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
+from .passes.manager import PassManager
+from .passes.torchao_convert import TorchaoConvert
+from .passes.torchao_prepare import TorchaoPrepare
 from .quantizers import QUANTIZERS
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ SMOOTH_QUANT_PLAN_KEY = "pt2q_smooth_quant_plan"
 SMOOTH_QUANT_REPORT_KEY = "pt2q_smooth_quant_report"
 _SAVE_FORMAT = 1
 
-Config = StaticQuantConfig | DynamicQuantConfig
+Config = StaticQuantConfig | DynamicQuantConfig | WeightOnlyQuantConfig
 
 
 def _fresh_copy(graph_module: GraphModule) -> GraphModule:
@@ -50,8 +52,9 @@ def _fresh_copy(graph_module: GraphModule) -> GraphModule:
 def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, *,
             dynamic_shapes: Any = None) -> GraphModule:
     """Capture `model` (unless it is already a pt2q capture) and insert observers per `config`."""
-    if not isinstance(config, (StaticQuantConfig, DynamicQuantConfig)):
-        raise ConfigError(f"config must be a StaticQuantConfig or DynamicQuantConfig, got {type(config).__name__}")
+    if not isinstance(config, (StaticQuantConfig, DynamicQuantConfig, WeightOnlyQuantConfig)):
+        raise ConfigError(f"config must be a StaticQuantConfig, DynamicQuantConfig or WeightOnlyQuantConfig, "
+                          f"got {type(config).__name__}")
     if isinstance(model, GraphModule) and EXAMPLE_INPUTS_KEY in model.meta:
         graph_module = _fresh_copy(model)
     else:
@@ -65,7 +68,7 @@ def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, 
         from .smooth_quant import insert as insert_smooth_quant
 
         smooth_quant_plan = insert_smooth_quant(graph_module, config.smooth_quant)
-    prepared = prepare_pt2e(graph_module, config.to_quantizer())
+    prepared, _ = PassManager([TorchaoPrepare(config.to_quantizer())])(graph_module)
     prepared.meta[SMOOTH_QUANT_PLAN_KEY] = smooth_quant_plan
     prepared.meta[CONFIG_KEY] = config
     prepared.meta[PREPARED_KEY] = True
@@ -142,21 +145,6 @@ def _check_observers(prepared: GraphModule) -> None:
                                    "on the calibration data, or keep that layer in fp32 with set_local(..., None)")
 
 
-def _drop_unused_tensors(graph_module: GraphModule) -> None:
-    """convert_pt2e leaves the fp32 weights of quantized layers attached though nothing reads them any
-    more; drop them so the quantized model (and a file `save` writes) holds only the int8 copies.
-    Only this module's attributes go: the user's model and its tensors are untouched."""
-    used = {node.target for node in graph_module.graph.nodes if node.op in ("get_attr", "call_module")}
-    used_prefixes = tuple(f"{target}." for target in used)
-    named = itertools.chain(graph_module.named_parameters(remove_duplicate=False),
-                            graph_module.named_buffers(remove_duplicate=False))
-    for name in [name for name, _ in named if name not in used and not name.startswith(used_prefixes)]:
-        owner, _, attr = name.rpartition(".")
-        module = graph_module.get_submodule(owner)
-        if hasattr(module, attr):
-            delattr(module, attr)
-
-
 def convert(prepared: GraphModule) -> GraphModule:
     """Turn a calibrated observed model into a Q/DQ GraphModule (torchao's `convert_pt2e`)."""
     if not isinstance(prepared, GraphModule) or not (_observers(prepared) or prepared.meta.get(PREPARED_KEY)):
@@ -173,8 +161,7 @@ def convert(prepared: GraphModule) -> GraphModule:
         log.info("%s", report.summary())
     _check_observers(prepared)
     meta = dict(prepared.meta)
-    quantized = convert_pt2e(prepared)
-    _drop_unused_tensors(quantized)
+    quantized, _ = PassManager([TorchaoConvert()])(prepared)
     quantized.meta.update(meta)
     quantized.meta.pop(PREPARED_KEY, None)
     quantized.meta[QUANTIZED_KEY] = True
@@ -198,7 +185,7 @@ def quantize(model: torch.nn.Module, config: Config, calib_data: Iterable | None
         if total is not None:
             calib_data = _WithLength(calib_data, total)
         example_inputs = first if example_inputs is None else example_inputs
-    elif not getattr(config, "is_dynamic", False):
+    elif getattr(config, "needs_calibration", True):
         raise CalibrationError("static quantization needs calib_data (an iterable of input batches); "
                                "use DynamicQuantConfig to quantize without calibration")
     if example_inputs is None:

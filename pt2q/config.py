@@ -104,6 +104,7 @@ class StaticQuantConfig(_Config):
                               f"{sorted(ACTIVATION_OBSERVERS)}")
 
     is_dynamic = False
+    needs_calibration = True
 
     def scheme(self, quantizer_cls):
         return quantizer_cls.static_scheme(observer=self.activation_observer,
@@ -124,9 +125,31 @@ class DynamicQuantConfig(_Config):
         self._validate_common()
 
     is_dynamic = True
+    needs_calibration = False
 
     def scheme(self, quantizer_cls):
         return quantizer_cls.dynamic_scheme(per_channel=self.weight_granularity == "per_channel")
+
+
+@dataclass(init=True)
+class WeightOnlyQuantConfig(_Config):
+    """Weight-only int8 (round to nearest, symmetric per output channel); activations stay fp32.
+    No calibration data needed."""
+
+    backend: str = "x86"
+    weight_granularity: str = "per_channel"
+    mixed_bf16: bool = False
+    quantize_attention_matmul: bool = False
+    local_rules: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        self._validate_common()
+
+    is_dynamic = False
+    needs_calibration = False
+
+    def scheme(self, quantizer_cls):
+        return quantizer_cls.weight_only_scheme(per_channel=self.weight_granularity == "per_channel")
 
 
 def _wrap_init_with_field_check(cls):
@@ -143,3 +166,4 @@ def _wrap_init_with_field_check(cls):
 
 StaticQuantConfig = _wrap_init_with_field_check(StaticQuantConfig)
 DynamicQuantConfig = _wrap_init_with_field_check(DynamicQuantConfig)
+WeightOnlyQuantConfig = _wrap_init_with_field_check(WeightOnlyQuantConfig)

@@ -1,10 +1,13 @@
 """The pass manager: runs a declared list of passes in order, checks the graph after each and times them.
 
 A pass is any object with `call(graph_module) -> PassResult` (torch's `PassBase` subclasses qualify) and a
-`name`. Observers registered with `add_observer` see every intermediate graph (the dump tool uses this).
+`name`. Observers registered with `add_observer` see every intermediate graph of that manager; those
+installed with `observe_passes()` see the graphs of every manager while the context lasts (the dump
+tool uses this to follow the whole pipeline).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +18,20 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphPass", "PassManager", "PassRecord", "PassResult"]
+__all__ = ["GraphPass", "PassManager", "PassRecord", "PassResult", "observe_passes"]
+
+PassObserver = Callable[[str, GraphModule, "PassRecord"], None]
+_GLOBAL_OBSERVERS: list[PassObserver] = []
+
+
+@contextlib.contextmanager
+def observe_passes(observer: PassObserver):
+    """Call `observer(pass_name, graph_module, record)` after every pass any manager runs, in this block."""
+    _GLOBAL_OBSERVERS.append(observer)
+    try:
+        yield observer
+    finally:
+        _GLOBAL_OBSERVERS.remove(observer)
 
 
 class GraphPass(Protocol):
@@ -35,9 +51,9 @@ class PassRecord:
 @dataclass
 class PassManager:
     passes: Sequence[GraphPass]
-    observers: list[Callable[[str, GraphModule, PassRecord], None]] = field(default_factory=list)
+    observers: list[PassObserver] = field(default_factory=list)
 
-    def add_observer(self, observer: Callable[[str, GraphModule, PassRecord], None]) -> None:
+    def add_observer(self, observer: PassObserver) -> None:
         self.observers.append(observer)
 
     def __call__(self, graph_module: GraphModule) -> tuple[GraphModule, list[PassRecord]]:
@@ -53,6 +69,6 @@ class PassManager:
                                 getattr(graph_pass, "report", None))
             log.debug("pass %s: %.3fs modified=%s", record.name, record.seconds, record.modified)
             records.append(record)
-            for observer in self.observers:
+            for observer in [*self.observers, *_GLOBAL_OBSERVERS]:
                 observer(graph_pass.name, graph_module, record)
         return graph_module, records

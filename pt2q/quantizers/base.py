@@ -38,24 +38,29 @@ ACTIVATION_OBSERVERS = {
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """How one op is quantized: the activation spec and the weight spec."""
+    """How one op is quantized: the activation spec (None: weight-only) and the weight spec."""
 
-    activation: QuantizationSpec
+    activation: QuantizationSpec | None
     weight: QuantizationSpec
 
     @property
     def is_dynamic(self) -> bool:
-        return self.activation.is_dynamic
+        return self.activation is not None and self.activation.is_dynamic
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activation is None
 
 
 def make_scheme(activation_dtype: torch.dtype, *, dynamic: bool = False, observer: str = "minmax",
-                per_channel: bool = True) -> QuantScheme:
-    """Affine per-tensor activations of `activation_dtype`; int8 symmetric weights (per channel)."""
+                per_channel: bool = True, weight_only: bool = False) -> QuantScheme:
+    """Affine per-tensor activations of `activation_dtype` (none when `weight_only`); int8 symmetric
+    weights (per channel)."""
     if observer not in ACTIVATION_OBSERVERS:
         raise ConfigError(f"unknown activation observer {observer!r}; valid: {sorted(ACTIVATION_OBSERVERS)}")
     info = torch.iinfo(activation_dtype)
     observer_ctr = PlaceholderObserver if dynamic else ACTIVATION_OBSERVERS[observer]
-    activation = QuantizationSpec(
+    activation = None if weight_only else QuantizationSpec(
         dtype=activation_dtype, quant_min=info.min, quant_max=info.max, qscheme=torch.per_tensor_affine,
         is_dynamic=dynamic, observer_or_fake_quant_ctr=observer_ctr.with_args(eps=_EPS))
     if per_channel:
@@ -96,6 +101,11 @@ class RuleQuantizer(Quantizer):
     @classmethod
     def dynamic_scheme(cls, per_channel: bool = True) -> QuantScheme:
         return make_scheme(cls.activation_dtype, dynamic=True, per_channel=per_channel)
+
+    @classmethod
+    def weight_only_scheme(cls, per_channel: bool = True) -> QuantScheme:
+        """int8 weights (round to nearest), fp32 activations."""
+        return make_scheme(cls.activation_dtype, weight_only=True, per_channel=per_channel)
 
     def set_global(self, scheme: QuantScheme | None) -> "RuleQuantizer":
         self.global_scheme = self._checked(scheme, "set_global")
@@ -191,7 +201,7 @@ class RuleQuantizer(Quantizer):
         if not activations or not all(is_float_tensor(a) and get_constant(model, a) is None
                                       for a in activations):
             return  # never observe ids, masks or constants as activations
-        input_map = {a: scheme.activation for a in activations}
+        input_map = {} if scheme.weight_only else {a: scheme.activation for a in activations}
         if rule.weight_arg is not None:
             weight = node.args[rule.weight_arg]
             if get_constant(model, weight) is None or not is_float_tensor(weight):
@@ -212,7 +222,7 @@ class RuleQuantizer(Quantizer):
             if producer.target in rule.after and producer.name in self.annotated_nodes and \
                     len(producer.users) == 1:
                 scheme = producer.meta["pt2q_scheme"]
-                if scheme.is_dynamic:
+                if scheme.is_dynamic or scheme.weight_only:
                     return
                 node.meta[ANNOTATION_KEY] = QuantizationAnnotation(
                     input_qspec_map={extra: scheme.activation}, _annotated=True)

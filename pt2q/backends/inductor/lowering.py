@@ -14,10 +14,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import copy
 import logging
 import re
 import warnings
 from typing import Any
+from unittest import mock
 
 import torch
 import torch._inductor.config as inductor_config
@@ -31,8 +34,6 @@ log = logging.getLogger(__name__)
 
 # oneDNN int8 ops as they appear in Inductor's generated Python wrapper (qlinear_pointwise, qconv...).
 _INT8_KERNEL = re.compile(r"torch\.ops\.onednn\.(q\w+)\.(\w+)")
-# Int8 GEMM templates generated in C++ by max-autotune (they replace qlinear calls).
-_INT8_TEMPLATE = re.compile(r"cpp_CppMicroGemm\w*|cpp_fused_.*_qlinear_\w*")
 
 _ADD_OPS = frozenset({torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor, torch.ops.aten.sub.Tensor})
 
@@ -98,6 +99,43 @@ def _with_autocast(module: torch.nn.Module, dtype: torch.dtype):
     return run
 
 
+@contextlib.contextmanager
+def _collect_generated_code():
+    """Collect the Python wrapper code Inductor generates in this block (to count int8 kernels).
+    Unlike torch._inductor.utils.run_and_get_code, it does not reset Dynamo (which would drop every
+    other compiled function of the process)."""
+    from torch._inductor.graph import GraphLowering  # private; pinned by tests/backends
+
+    sources: list[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", sources.append):
+        yield sources
+
+
+def _count_int8_kernels(sources: list[str]) -> dict[str, int]:
+    kernels = collections.Counter()
+    for source in sources:
+        for match in _INT8_KERNEL.finditer(source):
+            kernels[f"{match.group(1)}.{match.group(2)}"] += 1
+    return dict(kernels)
+
+
+def _written_inputs(after, before) -> list[int]:
+    return [i for i, (a, b) in enumerate(zip(pytree.tree_leaves(after), pytree.tree_leaves(before)))
+            if isinstance(a, torch.Tensor) and not torch.equal(a, b)]
+
+
+def _finish(compiled, qmodel, example, sources, guard_inputs, options, warm, before) -> CompiledQuantModel:
+    guarded = inputs_reaching_add(qmodel) if (guard_inputs and isinstance(qmodel, GraphModule)) else []
+    written = _written_inputs(warm, before)
+    if written and guard_inputs and not guarded:
+        log.warning("pt2q: the compiled graph writes into input(s) %s; they will be copied before each call",
+                    written)
+        guarded = [f"input_{i}" for i in written]
+    kernels = _count_int8_kernels(sources)
+    log.info("pt2q inductor: int8 kernels %s; guarded inputs %s", kernels or "none", guarded or "none")
+    return CompiledQuantModel(compiled, options, guarded, kernels, options)
+
+
 def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None = None,
             dynamic: bool | None = None, max_autotune: bool = False,
             guard_inputs: bool = True) -> CompiledQuantModel:
@@ -115,30 +153,31 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
     options = {"freezing": True, "max_autotune": max_autotune}
     target = _with_autocast(qmodel, torch.bfloat16) if mixed_bf16 else qmodel
     compiled = torch.compile(target, dynamic=dynamic)
-
-    guarded = inputs_reaching_add(qmodel) if (guard_inputs and isinstance(qmodel, GraphModule)) else []
-    warm_args, warm_kwargs = _clone_tensors((args, kwargs))
-    before = _clone_tensors((warm_args, warm_kwargs))
-    from torch._inductor.utils import run_and_get_code  # private; pinned by tests/backends
-
-    with torch.no_grad(), inductor_config.patch(options), warnings.catch_warnings():
+    warm = _clone_tensors((args, kwargs))
+    before = _clone_tensors(warm)
+    with torch.no_grad(), inductor_config.patch(options), warnings.catch_warnings(), \
+            _collect_generated_code() as sources:
         # Inductor's int8 lowering copy-constructs zero points with torch.tensor(): harmless, noisy.
         warnings.filterwarnings("ignore", message="To copy construct from a tensor")
-        _, sources = run_and_get_code(compiled, *warm_args, **warm_kwargs)
-    written = [i for i, (a, b) in enumerate(zip(pytree.tree_leaves((warm_args, warm_kwargs)),
-                                               pytree.tree_leaves(before)))
-               if isinstance(a, torch.Tensor) and not torch.equal(a, b)]
-    if written and guard_inputs and not guarded:
-        log.warning("pt2q: the compiled graph writes into input(s) %s; they will be copied before each call",
-                    written)
-        guarded = [f"input_{i}" for i in written]
+        compiled(*warm[0], **warm[1])
+    return _finish(compiled, qmodel, example_inputs, sources, guard_inputs,
+                   {**options, "mixed_bf16": mixed_bf16, "dynamic": dynamic}, warm, before)
 
-    kernels = collections.Counter()
-    for source in sources:
-        for match in _INT8_KERNEL.finditer(source):
-            kernels[f"{match.group(1)}.{match.group(2)}"] += 1
-        kernels.update(m.group(0).split("_")[0] + "_int8_template" for m in _INT8_TEMPLATE.finditer(source)
-                       if max_autotune)
-    log.info("pt2q inductor: int8 kernels %s; guarded inputs %s", dict(kernels) or "none", guarded or "none")
-    return CompiledQuantModel(compiled, options, guarded, dict(kernels),
-                              {**options, "mixed_bf16": mixed_bf16, "dynamic": dynamic})
+
+def compile_graph(qmodel: GraphModule, flat_inputs: tuple, *, guard_inputs: bool = True) -> CompiledQuantModel:
+    """Lower `qmodel` with Inductor's `compile_fx`, without Dynamo: for callers that already run inside
+    a Dynamo compile (the `pt2q` torch.compile backend). Takes and returns flat tuples."""
+    from torch._inductor.compile_fx import compile_fx
+
+    flat = GraphModule(qmodel, copy.deepcopy(qmodel.graph))
+    flat.graph._codegen = torch.fx.graph.CodeGen()  # positional tensors in, tuple out (what Dynamo uses)
+    flat.recompile()
+    options = {"freezing": True}
+    warm = _clone_tensors(tuple(flat_inputs))
+    before = _clone_tensors(warm)
+    with torch.no_grad(), inductor_config.patch(options), warnings.catch_warnings(), \
+            _collect_generated_code() as sources:
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+        compiled = compile_fx(flat, list(warm))
+        compiled(*warm)
+    return _finish(compiled, qmodel, flat_inputs, sources, guard_inputs, options, warm, before)

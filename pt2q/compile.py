@@ -1,0 +1,245 @@
+"""`torch.compile(model, backend="pt2q", options={...})`: quantize each Dynamo subgraph, lower with Inductor.
+
+Registered through the `torch_dynamo_backends` entry point, so it works without importing pt2q first.
+
+Options:
+  mode          "dynamic" (default; int8 dynamic, no calibration), "weight_only" (int8 RTN weights),
+                "static" (the first `calib_steps` calls run with observers and return fp32 results,
+                then the subgraph is converted and every later call runs int8).
+  calib_steps   calls used for static calibration (default 8).
+  config        a pt2q StaticQuantConfig / DynamicQuantConfig / WeightOnlyQuantConfig, for its
+                `set_local` rules and settings (the mode follows the config's kind).
+  skip          module-name regexes kept in fp32 (a shorthand for config.set_local(regex, None)).
+  smooth_quant  a SmoothQuantConfig, or an alpha (float or "auto"), for static mode.
+  strict        raise instead of falling back to plain Inductor when quantizing a subgraph fails.
+
+Each subgraph is handled on its own (graph breaks are fine); one without quantizable layers goes
+straight to Inductor. Weights are frozen at compile time (inference). A recompile of the same subgraph
+for new shapes reuses the calibration already collected. Inputs are never written (see
+`pt2q.backends.inductor`). Compile with `dynamic=False`: symbolic shapes fall back to plain Inductor.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_MODES = ("dynamic", "weight_only", "static")
+_OPTIONS = ("mode", "calib_steps", "config", "skip", "smooth_quant", "strict")
+
+
+@dataclass
+class BackendOptions:
+    mode: str = "dynamic"
+    calib_steps: int = 8
+    config: Any = None
+    skip: tuple = ()
+    smooth_quant: Any = None
+    strict: bool = False
+
+    @classmethod
+    def parse(cls, options: dict | None) -> "BackendOptions":
+        options = dict(options or {})
+        for name in options:
+            if name not in _OPTIONS:
+                close = difflib.get_close_matches(name, _OPTIONS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"pt2q backend: unknown option {name!r}{hint}; valid options: {', '.join(_OPTIONS)}")
+        parsed = cls(**options)
+        if parsed.config is not None and "mode" not in options:
+            parsed.mode = {"StaticQuantConfig": "static", "DynamicQuantConfig": "dynamic",
+                           "WeightOnlyQuantConfig": "weight_only"}.get(type(parsed.config).__name__, parsed.mode)
+        if parsed.mode not in _MODES:
+            raise ConfigError(f"pt2q backend: mode={parsed.mode!r}; valid modes: {', '.join(_MODES)}")
+        if not isinstance(parsed.calib_steps, int) or parsed.calib_steps < 1:
+            raise ConfigError(f"pt2q backend: calib_steps must be a positive int, got {parsed.calib_steps!r}")
+        if isinstance(parsed.skip, str):
+            parsed.skip = (parsed.skip,)
+        parsed.quant_config()  # config mistakes are the user's to fix: raise now, never fall back
+        return parsed
+
+    def quant_config(self):
+        from . import config as configs
+        from .smooth_quant import SmoothQuantConfig
+
+        kinds = {"static": configs.StaticQuantConfig, "dynamic": configs.DynamicQuantConfig,
+                 "weight_only": configs.WeightOnlyQuantConfig}
+        # A copy: the skip / smooth_quant options must not change the user's config object.
+        config = copy.deepcopy(self.config) if self.config is not None else kinds[self.mode]()
+        if not isinstance(config, kinds[self.mode]):
+            raise ConfigError(f"pt2q backend: mode {self.mode!r} needs a {kinds[self.mode].__name__}, "
+                              f"got {type(config).__name__}")
+        for regex in self.skip:
+            config.set_local(regex, None)
+        if self.smooth_quant is not None:
+            if self.mode != "static":
+                raise ConfigError("pt2q backend: smooth_quant needs mode='static'")
+            config.smooth_quant = self.smooth_quant if isinstance(self.smooth_quant, SmoothQuantConfig) \
+                else SmoothQuantConfig(alpha=self.smooth_quant)
+        return config
+
+
+# -- freezing the Dynamo subgraph's parameters ----------------------------------------------------
+def _is_frozen_input(placeholder_name: str, value) -> bool:
+    """Dynamo passes parameters and buffers as graph inputs; they become constants for quantization."""
+    return isinstance(value, torch.nn.Parameter) or "_parameters_" in placeholder_name or \
+        "_buffers_" in placeholder_name
+
+
+class _FrozenSubgraph(torch.nn.Module):
+    """Calls the Dynamo graph with its parameters held as this module's constants."""
+
+    def __init__(self, graph_module: GraphModule, example_inputs: list):
+        super().__init__()
+        self.graph_module = graph_module
+        names = [n.name for n in graph_module.graph.find_nodes(op="placeholder")]
+        self.frozen_positions, self.runtime_positions = [], []
+        for position, (name, value) in enumerate(zip(names, example_inputs)):
+            if isinstance(value, torch.Tensor) and _is_frozen_input(name, value):
+                self.register_buffer(f"frozen_{position}", value.detach(), persistent=False)
+                self.frozen_positions.append(position)
+            else:
+                self.runtime_positions.append(position)
+        self.num_inputs = len(names)
+
+    def forward(self, *runtime):
+        merged = [None] * self.num_inputs
+        for position, value in zip(self.runtime_positions, runtime):
+            merged[position] = value
+        for position in self.frozen_positions:
+            merged[position] = getattr(self, f"frozen_{position}")
+        return self.graph_module(*merged)
+
+    def runtime_inputs(self, all_inputs) -> tuple:
+        return tuple(all_inputs[p] for p in self.runtime_positions)
+
+
+# -- per-subgraph runners -------------------------------------------------------------------------
+def _structure_key(graph_module: GraphModule) -> tuple:
+    return tuple((node.op, str(node.target)) for node in graph_module.graph.nodes)
+
+
+@dataclass
+class _Calibration:
+    """Observer states of a static subgraph, shared by its recompiles."""
+
+    observers: dict = field(default_factory=dict)
+    steps: int = 0
+
+
+_CALIBRATIONS: dict[tuple, _Calibration] = {}
+_LOCK = threading.Lock()
+
+
+class _StaticRunner:
+    """Observed graph for the first `calib_steps` calls (fp32 results), then the int8 Inductor build."""
+
+    def __init__(self, frozen: _FrozenSubgraph, captured: GraphModule, config, calib_steps: int, key: tuple):
+        from .api import prepare
+
+        self.frozen, self.calib_steps = frozen, calib_steps
+        self.prepared = prepare(captured, config)
+        self.calibration = _CALIBRATIONS.setdefault(key, _Calibration())
+        for name, module in self._observers().items():
+            state = self.calibration.observers.get(name)
+            if state is not None:  # a recompile of this subgraph: keep what was calibrated
+                module.load_state_dict(state, strict=False)
+        self.compiled = None
+        if self.calibration.steps >= calib_steps:
+            self._finish(self.frozen_example())
+
+    def frozen_example(self):
+        args, kwargs = self.prepared.meta["pt2q_example_inputs"]
+        return args
+
+    def _observers(self) -> dict:
+        from torchao.quantization.pt2e.observer import ObserverBase
+
+        return {n: m for n, m in self.prepared.named_modules() if isinstance(m, ObserverBase)}
+
+    def _finish(self, example) -> None:
+        from .api import convert
+        from .backends import inductor
+
+        qmodel = convert(self.prepared)
+        self.compiled = inductor.compile_graph(qmodel, tuple(example))
+        self.prepared = None
+        log.info("pt2q backend: static subgraph converted after %d calibration calls; int8 kernels %s",
+                 self.calibration.steps, self.compiled.int8_kernels)
+
+    def __call__(self, *all_inputs):
+        runtime = self.frozen.runtime_inputs(all_inputs)
+        if self.compiled is not None:
+            return self.compiled(*runtime)
+        with torch.no_grad():
+            outputs = self.prepared(*runtime)
+        self.calibration.steps += 1
+        self.calibration.observers = {n: {k: v.clone() for k, v in m.state_dict().items()}
+                                      for n, m in self._observers().items()}
+        if self.calibration.steps >= self.calib_steps:
+            self._finish(runtime)
+        return outputs
+
+
+class _CompiledRunner:
+    def __init__(self, frozen: _FrozenSubgraph, compiled):
+        self.frozen, self.compiled = frozen, compiled
+
+    def __call__(self, *all_inputs):
+        return self.compiled(*self.frozen.runtime_inputs(all_inputs))
+
+
+def _compile_subgraph(graph_module: GraphModule, example_inputs: list, options: BackendOptions):
+    from .api import count_quantized_layers, quantize
+    from .backends import inductor
+    from .capture import capture
+    from .passes.manager import PassManager
+    from .passes.normalize_module_names import NormalizeModuleNames
+    from .quantizers import weighted_ops
+
+    if any(not isinstance(value, torch.Tensor) for value in example_inputs):
+        raise ValueError("symbolic shapes in this subgraph; compile with dynamic=False to quantize it")
+    frozen = _FrozenSubgraph(graph_module, example_inputs)
+    runtime = frozen.runtime_inputs(example_inputs)
+    captured = capture(frozen, runtime, {})
+    PassManager([NormalizeModuleNames()])(captured)
+    if not any(node.target in weighted_ops() or node.target in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+               for node in captured.graph.nodes):
+        return None  # nothing to quantize
+    config = options.quant_config()
+    if options.mode == "static":
+        return _StaticRunner(frozen, captured, config, options.calib_steps, _structure_key(graph_module))
+    qmodel = quantize(captured, config, example_inputs=runtime, progress=False)
+    if count_quantized_layers(qmodel) == 0:
+        return None
+    return _CompiledRunner(frozen, inductor.compile_graph(qmodel, runtime))
+
+
+def backend(graph_module: GraphModule, example_inputs: list, options: dict | None = None, mode: str | None = None):
+    """The Dynamo backend. `mode` is torch.compile's own mode argument (passed on to plain Inductor)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    parsed = BackendOptions.parse(options)  # bad options are the user's to fix: always raise
+    try:
+        with _LOCK:
+            runner = _compile_subgraph(graph_module, list(example_inputs), parsed)
+    except Exception as error:  # noqa: BLE001 - any failure falls back to plain Inductor unless strict
+        if parsed.strict:
+            raise
+        log.warning("pt2q backend: this subgraph runs on plain Inductor (not quantized): %s: %s",
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        runner = None
+    if runner is None:
+        log.info("pt2q backend: subgraph with nothing to quantize goes to plain Inductor")
+        return compile_fx(graph_module, example_inputs)
+    return runner

@@ -1,0 +1,145 @@
+"""torch.compile(model, backend="pt2q"): found by name, modes, graph breaks, recompiles, fallbacks.
+
+Each compile costs seconds on 2 cores: models are tiny and compiled once per test."""
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pt2q
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self, dim: int = 64, break_graph: bool = False):
+        super().__init__()
+        self.fc = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, 8)
+        self.break_graph = break_graph
+
+    def forward(self, x):
+        hidden = torch.relu(self.fc(x))
+        if self.break_graph and hidden.sum() > 0:  # data-dependent branch: a graph break
+            hidden = hidden * 2
+        return self.head(hidden)
+
+
+class Residual(torch.nn.Module):
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim)
+        self.fc = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_backend_found_by_name_without_importing_pt2q():
+    script = textwrap.dedent("""
+        import sys, torch
+        assert "pt2q" not in sys.modules
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+        x = torch.randn(8, 32)
+        compiled = torch.compile(model, backend="pt2q", options={"mode": "dynamic", "strict": True}, dynamic=False)
+        with torch.no_grad():
+            error = ((compiled(x) - model(x)).norm() / model(x).norm()).item()
+        print("loaded-by-entry-point", "pt2q" in sys.modules, "error", error)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [l for l in result.stdout.splitlines() if l.startswith("loaded-by-entry-point")][-1]
+    assert line.split()[1] == "True"
+    assert float(line.split()[3]) < 0.02
+
+
+def test_static_mode_calibrates_then_matches_pt2q_quantize():
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    batches = [torch.randn(16, 64) for _ in range(3)]
+    compiled = torch.compile(model, backend="pt2q", options={"mode": "static", "calib_steps": 3, "strict": True},
+                             dynamic=False)
+    with torch.no_grad():
+        calibration_outputs = [compiled(x) for x in batches]
+        for x, output in zip(batches, calibration_outputs):  # calibration calls return fp32 results
+            assert torch.equal(output, model(x))
+        reference = pt2q.quantize(model, pt2q.StaticQuantConfig(), [(x,) for x in batches], progress=False)
+        probe = torch.randn(16, 64)
+        int8 = compiled(probe)
+        assert not torch.equal(int8, model(probe))  # now int8
+        assert relative_error(int8, reference(probe)) < 1e-4
+        assert relative_error(int8, model(probe)) < 0.02
+
+
+def test_graph_break_each_subgraph_quantized(caplog):
+    torch.manual_seed(0)
+    model = TwoLayers(break_graph=True).eval()
+    x = torch.randn(16, 64)
+    with caplog.at_level(logging.INFO, logger="pt2q"):
+        compiled = torch.compile(model, backend="pt2q", options={"mode": "dynamic", "strict": True}, dynamic=False)
+        with torch.no_grad():
+            output = compiled(x)
+            assert relative_error(output, model(x)) < 0.02
+    reports = [r.getMessage() for r in caplog.records if "int8 kernels {" in r.getMessage()]
+    assert len(reports) == 2, reports  # one int8 build per Dynamo subgraph
+
+
+def test_recompile_for_new_shape_keeps_calibration():
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    compiled = torch.compile(model, backend="pt2q", options={"mode": "static", "calib_steps": 2, "strict": True},
+                             dynamic=False)
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(torch.randn(16, 64))
+        other_shape = torch.randn(5, 64)
+        output = compiled(other_shape)  # a recompile: int8 at once, no new calibration calls
+    assert not torch.equal(output, model(other_shape))
+    assert relative_error(output, model(other_shape)) < 0.03
+
+
+def test_inputs_never_written():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(128, 64)
+    original = x.clone()
+    compiled = torch.compile(model, backend="pt2q", options={"mode": "dynamic", "strict": True}, dynamic=False)
+    with torch.no_grad():
+        first, second = compiled(x), compiled(x)
+    assert torch.equal(x, original)
+    assert torch.equal(first, second)
+
+
+def test_unknown_option_lists_valid_ones():
+    model = TwoLayers().eval()
+    with pytest.raises(Exception, match=r"unknown option 'calib_step'.*valid options: mode, calib_steps"):
+        torch.compile(model, backend="pt2q", options={"calib_step": 3})(torch.randn(2, 64))
+
+
+def test_failure_falls_back_to_inductor_unless_strict(caplog):
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    x = torch.randn(16, 64)
+    # dynamic=True gives the backend symbolic shapes, which pt2q's capture does not take yet.
+    with caplog.at_level(logging.WARNING, logger="pt2q"):
+        compiled = torch.compile(model, backend="pt2q", options={"mode": "dynamic"}, dynamic=True)
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), model(x), atol=1e-5)  # plain Inductor: fp32 results
+    assert any("plain Inductor" in r.getMessage() and "dynamic=False" in r.getMessage() for r in caplog.records)
+    torch._dynamo.reset()
+    strict = torch.compile(model, backend="pt2q", options={"mode": "dynamic", "strict": True}, dynamic=True)
+    with pytest.raises(Exception, match="dynamic=False"):
+        strict(x)
