@@ -213,7 +213,8 @@ def _saved_metadata(qmodel: GraphModule) -> dict:
     config = qmodel.meta.get(CONFIG_KEY)
     return {"format": _SAVE_FORMAT, "backend": getattr(config, "backend", None),
             "mixed_bf16": bool(getattr(config, "mixed_bf16", False)),
-            "dynamic": bool(getattr(config, "is_dynamic", False))}
+            "dynamic": bool(getattr(config, "is_dynamic", False)),
+            "config": type(config).__name__ if config is not None else None}
 
 
 def save(qmodel: GraphModule, path: str | os.PathLike) -> None:
@@ -280,7 +281,8 @@ def load(path: str | os.PathLike) -> GraphModule:
     graph_module.meta[QUANTIZED_KEY] = True
     graph_module.meta["pt2q_saved_metadata"] = metadata
     if metadata.get("backend"):
-        cls = DynamicQuantConfig if metadata.get("dynamic") else StaticQuantConfig
+        kinds = {cls.__name__: cls for cls in (StaticQuantConfig, DynamicQuantConfig, WeightOnlyQuantConfig)}
+        cls = kinds.get(metadata.get("config")) or (DynamicQuantConfig if metadata.get("dynamic") else StaticQuantConfig)
         graph_module.meta[CONFIG_KEY] = cls(backend=metadata["backend"], mixed_bf16=metadata["mixed_bf16"])
     return graph_module
 

@@ -124,7 +124,7 @@ def _written_inputs(after, before) -> list[int]:
             if isinstance(a, torch.Tensor) and not torch.equal(a, b)]
 
 
-def _finish(compiled, qmodel, example, sources, guard_inputs, options, warm, before) -> CompiledQuantModel:
+def _finish(compiled, qmodel, sources, guard_inputs, config_patch, options, warm, before) -> CompiledQuantModel:
     guarded = inputs_reaching_add(qmodel) if (guard_inputs and isinstance(qmodel, GraphModule)) else []
     written = _written_inputs(warm, before)
     if written and guard_inputs and not guarded:
@@ -133,7 +133,7 @@ def _finish(compiled, qmodel, example, sources, guard_inputs, options, warm, bef
         guarded = [f"input_{i}" for i in written]
     kernels = _count_int8_kernels(sources)
     log.info("pt2q inductor: int8 kernels %s; guarded inputs %s", kernels or "none", guarded or "none")
-    return CompiledQuantModel(compiled, options, guarded, kernels, options)
+    return CompiledQuantModel(compiled, config_patch, guarded, kernels, options)
 
 
 def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None = None,
@@ -160,7 +160,7 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
         # Inductor's int8 lowering copy-constructs zero points with torch.tensor(): harmless, noisy.
         warnings.filterwarnings("ignore", message="To copy construct from a tensor")
         compiled(*warm[0], **warm[1])
-    return _finish(compiled, qmodel, example_inputs, sources, guard_inputs,
+    return _finish(compiled, qmodel, sources, guard_inputs, options,
                    {**options, "mixed_bf16": mixed_bf16, "dynamic": dynamic}, warm, before)
 
 
@@ -180,4 +180,4 @@ def compile_graph(qmodel: GraphModule, flat_inputs: tuple, *, guard_inputs: bool
         warnings.filterwarnings("ignore", message="To copy construct from a tensor")
         compiled = compile_fx(flat, list(warm))
         compiled(*warm)
-    return _finish(compiled, qmodel, flat_inputs, sources, guard_inputs, options, warm, before)
+    return _finish(compiled, qmodel, sources, guard_inputs, options, dict(options), warm, before)
