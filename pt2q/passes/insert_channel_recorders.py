@@ -31,10 +31,10 @@ class ChannelRecorder(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             rows = x.detach().movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim]).float()
-            if not torch.isfinite(rows).all():
+            low, high = torch.aminmax(rows, dim=0)  # one pass; NaN and Inf show up in the result
+            if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
                 self.non_finite = True
                 return x
-            low, high = rows.amin(0), rows.amax(0)
             self.min_val = low if self.min_val is None else torch.minimum(self.min_val, low)
             self.max_val = high if self.max_val is None else torch.maximum(self.max_val, high)
             if self.sample_limit and self.sample is None:

@@ -200,11 +200,17 @@ class SmoothQuantApply:
         for consumer in group.consumers:
             weight = get_constant(gm, _through_observer(gm, consumer.args[1])[0]).detach().float()
             extra = [get_constant(gm, a) if isinstance(a, Node) else a for a in consumer.args[2:]]
-            reference = consumer.target(sample, weight, *extra)
+            reference = self._reference(consumer, sample, weight, extra)
             w = fake_quant_weight(weight * scales.reshape(_channel_shape(weight.dim(), 1, group.channels)))
             error = torch.mean((consumer.target(x, w, *extra) - reference) ** 2)
             errors.append((error / reference.pow(2).mean().clamp(min=1e-30)).item())
         return errors
+
+    def _reference(self, consumer: Node, sample: torch.Tensor, weight: torch.Tensor, extra: list) -> torch.Tensor:
+        """The consumer's fp32 output on the sample, computed once for all the alphas tried."""
+        if consumer not in self._references:
+            self._references[consumer] = consumer.target(sample, weight, *extra)
+        return self._references[consumer]
 
     def _auto_alpha(self, gm: GraphModule, group: AbsorbGroup, recorder: ChannelRecorder,
                     weight_absmax: torch.Tensor) -> float:
@@ -301,6 +307,7 @@ class SmoothQuantApply:
 
     def call(self, graph_module: GraphModule) -> PassResult:
         self.report = SmoothQuantReport()
+        self._references: dict[Node, torch.Tensor] = {}
         live = [g for g in self.groups if not g.skipped and g.root.name in self.recorders]
         self._validate_alpha_keys(live)
         recorders = {g.root.name: graph_module.get_submodule(self.recorders[g.root.name]) for g in live}
