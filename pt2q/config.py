@@ -90,7 +90,7 @@ class StaticQuantConfig(_Config):
     mixed_bf16: bool = False
     quantize_attention_matmul: bool = False
     smooth_quant: Any = None
-    local_rules: list = field(default_factory=list, repr=False)
+    local_rules: list = field(default_factory=list, repr=False, init=False)  # filled by set_local()
 
     def __post_init__(self):
         self._validate_common()
@@ -112,41 +112,37 @@ class StaticQuantConfig(_Config):
 
 
 @dataclass(init=True)
-class DynamicQuantConfig(_Config):
-    """Dynamic int8: int8 weights, activation qparams computed per call (no calibration data needed)."""
+class _UncalibratedConfig(_Config):
+    """Fields shared by the configs that need no calibration data."""
 
     backend: str = "x86"
     weight_granularity: str = "per_channel"
     mixed_bf16: bool = False
     quantize_attention_matmul: bool = False
-    local_rules: list = field(default_factory=list, repr=False)
+    local_rules: list = field(default_factory=list, repr=False, init=False)  # filled by set_local()
 
     def __post_init__(self):
         self._validate_common()
 
-    is_dynamic = True
     needs_calibration = False
+
+
+@dataclass(init=True)
+class DynamicQuantConfig(_UncalibratedConfig):
+    """Dynamic int8: int8 weights, activation qparams computed per call (no calibration data needed)."""
+
+    is_dynamic = True
 
     def scheme(self, quantizer_cls):
         return quantizer_cls.dynamic_scheme(per_channel=self.weight_granularity == "per_channel")
 
 
 @dataclass(init=True)
-class WeightOnlyQuantConfig(_Config):
+class WeightOnlyQuantConfig(_UncalibratedConfig):
     """Weight-only int8 (round to nearest, symmetric per output channel); activations stay fp32.
     No calibration data needed."""
 
-    backend: str = "x86"
-    weight_granularity: str = "per_channel"
-    mixed_bf16: bool = False
-    quantize_attention_matmul: bool = False
-    local_rules: list = field(default_factory=list, repr=False)
-
-    def __post_init__(self):
-        self._validate_common()
-
     is_dynamic = False
-    needs_calibration = False
 
     def scheme(self, quantizer_cls):
         return quantizer_cls.weight_only_scheme(per_channel=self.weight_granularity == "per_channel")

@@ -87,6 +87,24 @@ def median_latency(function: Callable, batch: dict, runs: int, warmup: int = 2) 
     return statistics.median(times)
 
 
+def interleaved_latencies(runners: dict[str, Callable], batch: dict, rounds: int, runs: int) -> dict[str, float]:
+    """Median latency of each runner over `rounds` interleaved rounds of `runs` calls: machine noise
+    then hits every runner alike."""
+    samples = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            samples[name].append(median_latency(runner, batch, runs, warmup=1))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def emit_json(results: dict, path: str | None) -> None:
+    """Print `results` as JSON, and write them to `path` when given (the benchmark tools' output)."""
+    text = json.dumps(results, indent=2)
+    if path:
+        Path(path).write_text(text + "\n")
+    print(text)
+
+
 def timed(function: Callable, *args, **kwargs):
     start = time.perf_counter()
     result = function(*args, **kwargs)

@@ -106,7 +106,7 @@ def test_saved_file_is_a_torch_export_archive(saved_mlp):
     exported = torch.export.load(path, extra_files=extra)  # torch alone can read it
     assert isinstance(exported, torch.export.ExportedProgram)
     assert json.loads(extra["pt2q.json"]) == {"format": 1, "backend": "x86", "mixed_bf16": False,
-                                              "dynamic": False}
+                                              "dynamic": False, "config": "StaticQuantConfig"}
     assert torch.equal(exported.module()(*zm.args), call(qmodel, zm.args))
 
 

@@ -10,7 +10,6 @@ from empty Inductor caches. Writes JSON (stdout, or --out PATH).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -69,21 +68,13 @@ def main(argv=None) -> int:
                                    "min_cosine": cosines.min().item()}
         runners[f"pt2q_{mode}"] = compiled
 
-    latencies = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, runner in runners.items():
-            latencies[name].append(demo.median_latency(runner, example, args.runs, warmup=1))
-    for name, values in latencies.items():
-        results.setdefault(name, {})["latency_seconds"] = sorted(values)[len(values) // 2]
+    for name, latency in demo.interleaved_latencies(runners, example, args.rounds, args.runs).items():
+        results.setdefault(name, {})["latency_seconds"] = latency
     base = results["fp32_inductor"]["latency_seconds"]
     for name in runners:
         if name.startswith("pt2q_"):
             results[name]["speedup_vs_fp32_inductor"] = base / results[name]["latency_seconds"]
-    text = json.dumps(results, indent=2)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text + "\n")
-    print(text)
+    demo.emit_json(results, args.out)
     return 0
 
 

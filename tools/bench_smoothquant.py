@@ -12,7 +12,6 @@ Writes JSON (stdout, or --out PATH).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -84,23 +83,16 @@ def main(argv=None) -> int:
     if not args.no_latency:
         compiled = {name: demo.timed_cold(inductor.compile, qmodels[name], example)
                     for name in ("plain_histogram", "smoothquant_0.5", "smoothquant_auto")}
-        latencies = {name: [] for name in compiled}
-        for _ in range(args.rounds):
-            for name, (runner, _) in compiled.items():
-                latencies[name].append(demo.median_latency(runner, example, args.runs, warmup=1))
+        latencies = demo.interleaved_latencies({name: runner for name, (runner, _) in compiled.items()},
+                                               example, args.rounds, args.runs)
         for name, (runner, compile_seconds) in compiled.items():
-            values = sorted(latencies[name])
             results[name].update(compile_seconds=compile_seconds, int8_kernels=runner.int8_kernels,
-                                 inductor_latency_seconds=values[len(values) // 2])
+                                 inductor_latency_seconds=latencies[name])
         plain_latency = results["plain_histogram"]["inductor_latency_seconds"]
         for name in ("smoothquant_0.5", "smoothquant_auto"):
             results[name]["inductor_latency_vs_plain"] = results[name]["inductor_latency_seconds"] / plain_latency
 
-    text = json.dumps(results, indent=2)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text + "\n")
-    print(text)
+    demo.emit_json(results, args.out)
     return 0
 
 

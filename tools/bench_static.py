@@ -11,7 +11,6 @@ recorded with its error and the tail of its traceback. Writes JSON (stdout, or -
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -116,12 +115,8 @@ def main(argv=None) -> int:
                          "mean_cosine": cosines.mean().item(), "min_cosine": cosines.min().item(), **figures}
         runners[name] = runner
 
-    latencies = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, runner in runners.items():
-            latencies[name].append(demo.median_latency(runner, example, args.runs, warmup=1))
-    for name, values in latencies.items():
-        results.setdefault(name, {})["latency_seconds"] = sorted(values)[len(values) // 2]
+    for name, latency in demo.interleaved_latencies(runners, example, args.rounds, args.runs).items():
+        results.setdefault(name, {})["latency_seconds"] = latency
     fp32_latency = results["fp32_inductor"]["latency_seconds"]
     for name in ("pt2q", "torchao"):
         if "latency_seconds" in results.get(name, {}):
@@ -132,11 +127,7 @@ def main(argv=None) -> int:
             "latency_ratio": results["pt2q"]["latency_seconds"] / results["torchao"]["latency_seconds"],
             "quantize_time_ratio": results["pt2q"]["quantize_seconds"] / results["torchao"]["quantize_seconds"],
         }
-    text = json.dumps(results, indent=2)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text + "\n")
-    print(text)
+    demo.emit_json(results, args.out)
     return 0
 
 
