@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
@@ -63,7 +64,10 @@ class SmoothQuantConfig:
                 raise ConfigError(f"SmoothQuantConfig has no field {name!r}{hint}; valid fields: {', '.join(valid)}")
         for f in fields(self):
             setattr(self, f.name, kwargs.get(f.name, f.default))
-        self.auto_grid = tuple(float(a) for a in self.auto_grid)
+        try:
+            self.auto_grid = tuple(float(a) for a in self.auto_grid)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"SmoothQuant auto_grid must be alphas in [0, 1], got {self.auto_grid!r}") from error
         self.validate()
 
     @staticmethod
@@ -81,6 +85,11 @@ class SmoothQuantConfig:
                 if not isinstance(key, (str, type, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
                     raise ConfigError(f"SmoothQuant alpha key {key!r} must be a module-name regex, an nn.Module "
                                       "class or an ATen op")
+                if isinstance(key, str):
+                    try:
+                        re.compile(key)
+                    except re.error as error:
+                        raise ConfigError(f"SmoothQuant alpha key {key!r} is not a valid regex: {error}") from error
                 self._check_alpha_value(value, f"alpha[{key!r}]", allow_none=True)
         else:
             self._check_alpha_value(self.alpha, "alpha")
@@ -121,6 +130,9 @@ def insert(graph_module: GraphModule, config: SmoothQuantConfig) -> SmoothQuantP
     _fuse_linear_bn_(graph_module)
     analysis = SmoothQuantGroups()
     PassManager([MatmulToLinear(), analysis])(graph_module)
+    # An alpha key that matches no layer is a config error: report it now, before calibration.
+    SmoothQuantApply(analysis.report, {}, alpha=config.alpha)._validate_alpha_keys(
+        [group for group in analysis.report if not group.skipped])
     recorders = InsertChannelRecorders(analysis.report, _AUTO_SAMPLE_ELEMENTS if config.needs_samples else 0)
     PassManager([recorders])(graph_module)
     return SmoothQuantPlan(config, analysis.report, recorders.recorders)

@@ -19,6 +19,7 @@ no second calibration pass is needed.
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 
@@ -77,6 +78,11 @@ def _replace_constant(gm: GraphModule, user: Node, arg_index: int, value: torch.
     """Point `user.args[arg_index]` (possibly through its observer) at a new constant `value`."""
     current = user.args[arg_index]
     source, observer = _through_observer(gm, current) if isinstance(current, Node) else (current, None)
+    if observer is not None and set(observer.users) != {user}:
+        # One observer serving several nodes (a Linear called twice shares its weight's observer):
+        # the others keep reading the old value through it; `user` gets its own copy.
+        observer = _copy_observer(gm, observer, source)
+        user.update_arg(arg_index, observer)
     name = add_constant(gm, hint, value)
     with gm.graph.inserting_before(observer or user):
         new_node = gm.graph.get_attr(name)
@@ -91,6 +97,18 @@ def _replace_constant(gm: GraphModule, user: Node, arg_index: int, value: torch.
     else:
         user.update_arg(arg_index, new_node)
     return new_node
+
+
+def _copy_observer(gm: GraphModule, observer: Node, observed: Node) -> Node:
+    """A new observer node (a copy of `observer`'s module) on `observed`, placed right after it."""
+    name = f"{observer.target}_sq"
+    while hasattr(gm, name):
+        name += "_"
+    gm.add_submodule(name, copy.deepcopy(gm.get_submodule(observer.target)))
+    with gm.graph.inserting_after(observed):
+        node = gm.graph.call_module(name, (observed,))
+    node.meta = dict(observer.meta)
+    return node
 
 
 def _channel_shape(ndim: int, channel_dim: int, channels: int) -> list[int]:
@@ -273,10 +291,10 @@ class SmoothQuantApply:
 
     def _insert_mul(self, gm: GraphModule, group: AbsorbGroup, scales: torch.Tensor) -> None:
         """x -> x * (1/s) before the consumers (after each distinct input they read)."""
-        inputs: dict[Node, list[Node]] = {}
+        inputs: dict[Node, list[tuple[Node, Node | None]]] = {}
         for consumer in group.consumers:
             value, observer = _through_observer(gm, consumer.args[0])
-            inputs.setdefault(value, []).append(observer or consumer)
+            inputs.setdefault(value, []).append((consumer, observer))
         for value, readers in inputs.items():
             shape = _channel_shape(value.meta["val"].dim(), group.channel_dim, group.channels)
             name = add_constant(gm, f"{value.name}_sq_inv_scale", (1.0 / scales).reshape(shape))
@@ -285,8 +303,24 @@ class SmoothQuantApply:
             with gm.graph.inserting_after(constant):
                 mul = gm.graph.call_function(aten.mul.Tensor, (value, constant))
             mul.meta = {k: v for k, v in value.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}
-            for reader in readers:
-                reader.update_arg(0, mul)
+            moved: dict[Node, Node] = {}
+            for consumer, observer in readers:
+                if observer is None:
+                    consumer.update_arg(0, mul)
+                    continue
+                if observer not in moved:
+                    moved[observer] = self._observer_for_mul(gm, observer, mul, group)
+                consumer.update_arg(0, moved[observer])
+
+    @staticmethod
+    def _observer_for_mul(gm: GraphModule, observer: Node, mul: Node, group: AbsorbGroup) -> Node:
+        """The observer node the group's consumers read after `mul`. An observer that also serves ops
+        outside the group (a residual add sharing the conv input's observer) keeps observing the
+        unscaled value for them; the group gets its own copy."""
+        if set(observer.users) <= set(group.consumers):
+            observer.update_arg(0, mul)
+            return observer
+        return _copy_observer(gm, observer, mul)
 
     def _update_activation_observers(self, gm: GraphModule, group: AbsorbGroup, recorder: ChannelRecorder,
                                      scales: torch.Tensor) -> None:

@@ -111,7 +111,7 @@ class AbsorbGroup:
         return f"{kind}:{node.name}" + (f" ({fqn})" if fqn else "")
 
 
-def constant_value(gm: GraphModule, node) -> torch.Tensor | None:
+def constant_value(gm: GraphModule, node, _memo: dict | None = None) -> torch.Tensor | None:
     """Value of a node computed from constants only (get_attr, casts, arithmetic with scalars)."""
     if not isinstance(node, Node):
         return None
@@ -120,14 +120,24 @@ def constant_value(gm: GraphModule, node) -> torch.Tensor | None:
         return direct
     if node.op != "call_function" or not node.all_input_nodes:
         return None
-    inputs = {arg: constant_value(gm, arg) for arg in node.all_input_nodes}
-    if any(value is None for value in inputs.values()):
-        return None
+    # Memoised and stopping at the first non-constant input: without both, the walk up a residual
+    # stream revisits every diamond (add of two branches) and grows exponentially with depth.
+    memo = {} if _memo is None else _memo
+    if node in memo:
+        return memo[node]
+    memo[node] = None
+    inputs = {}
+    for arg in node.all_input_nodes:
+        value = constant_value(gm, arg, memo)
+        if value is None:
+            return None
+        inputs[arg] = value
     args = torch.fx.node.map_arg(node.args, lambda n: inputs[n])
     kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: inputs[n])
     with torch.no_grad():
         value = node.target(*args, **kwargs)
-    return value if isinstance(value, torch.Tensor) else None
+    memo[node] = value if isinstance(value, torch.Tensor) else None
+    return memo[node]
 
 
 class SmoothQuantGroups:
@@ -157,9 +167,9 @@ class SmoothQuantGroups:
         return node
 
     # -- producer search --------------------------------------------------------------------------
-    def _only_reaches(self, flow: nx.DiGraph, start: Node, consumers: list[Node], channel_dim: int) -> bool:
-        """Every use of `start` reaches the group's consumers (as their activation) through
-        channel-keeping ops only, so scaling `start` changes nothing else."""
+    def _blocking_use(self, flow: nx.DiGraph, start: Node, consumers: list[Node], channel_dim: int) -> Node | None:
+        """None when every use of `start` reaches the group's consumers (as their activation) through
+        channel-keeping ops only, so scaling `start` changes nothing else; else the first other op."""
         targets = {(c.args[0], c) for c in consumers}
         frontier, seen = [start], {start}
         while frontier:
@@ -173,16 +183,16 @@ class SmoothQuantGroups:
                         seen.add(user)
                         frontier.append(user)
                     continue
-                return False
-        return True
+                return user
+        return None
 
     def _find_producer(self, gm: GraphModule, flow: nx.DiGraph, group: AbsorbGroup) -> None:
         if group.root.op == "placeholder":
             group.reason = f"graph input {group.root.name}: no producer to absorb the scale"
             return
-        if not self._only_reaches(flow, group.root, group.consumers, group.channel_dim):
-            others = sorted(u.name for u in group.root.users if u not in group.consumers)
-            group.reason = f"{group.root.name} also feeds ops that cannot take the scale ({', '.join(others)})"
+        blocker = self._blocking_use(flow, group.root, group.consumers, group.channel_dim)
+        if blocker is not None:
+            group.reason = f"{group.root.name} also feeds {blocker.name}, which cannot take the scale"
             return
         node, path = group.root, []
         while node.op == "call_function" and node.target in _POSITIVE_HOMOGENEOUS:
