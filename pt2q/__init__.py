@@ -18,3 +18,11 @@ __all__ = [
     "SmoothQuantConfig", "StaticQuantConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
     "count_quantized_layers", "load", "prepare", "quantize", "save", "smooth_quant",
 ]
+
+
+def __getattr__(name: str):
+    if name == "debug":  # the graph dump tool, imported on first use only
+        import importlib
+
+        return importlib.import_module(".debug", __name__)
+    raise AttributeError(f"module 'pt2q' has no attribute {name!r}")

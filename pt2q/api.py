@@ -153,10 +153,12 @@ def convert(prepared: GraphModule) -> GraphModule:
             f"got a {type(prepared).__name__} with no observers")
     if not _observers(prepared):  # prepared by pt2q, but the config keeps every layer in fp32
         log.warning("convert(): the config quantizes no layer of this model; it stays in fp32")
-    plan = prepared.meta.pop(SMOOTH_QUANT_PLAN_KEY, None)
+    plan = prepared.meta.get(SMOOTH_QUANT_PLAN_KEY)
     if plan is not None:
         info = torch.iinfo(QUANTIZERS[prepared.meta[CONFIG_KEY].backend].activation_dtype)
         report = plan.apply(prepared, activation_range=(info.min, info.max))
+        # Dropped only once applied: a failed apply (e.g. NaN at a group input) can be retried.
+        prepared.meta.pop(SMOOTH_QUANT_PLAN_KEY)
         prepared.meta[SMOOTH_QUANT_REPORT_KEY] = report
         log.info("%s", report.summary())
     _check_observers(prepared)
@@ -174,7 +176,23 @@ def quantize(model: torch.nn.Module, config: Config, calib_data: Iterable | None
 
     `calib_data`: an iterable of batches, each a tuple of positional inputs or a dict of keyword inputs.
     Required for static quantization; optional for dynamic. `example_inputs` defaults to the first batch.
+    With `PT2Q_DUMP_DIR` set, every pass is also dumped (text, diffs, numeric report, HTML): pt2q.debug.
     """
+    if os.environ.get("PT2Q_DUMP_DIR"):
+        from .debug.pipeline import dump_quantize
+        return dump_quantize(model, config, calib_data, example_inputs=example_inputs,
+                             dynamic_shapes=dynamic_shapes, progress=progress)
+    calib_data, example_inputs = split_calibration_data(config, calib_data, example_inputs)
+    prepared = prepare(model, config, example_inputs, dynamic_shapes=dynamic_shapes)
+    calibrate(prepared, calib_data, progress=progress)
+    return convert(prepared)
+
+
+def split_calibration_data(config: Config, calib_data: Iterable | None, example_inputs: Any,
+                           caller: str = "quantize()") -> tuple[Iterable, Any]:
+    """(batches to calibrate with, example inputs): the first batch is peeked (it is the default
+    example) and the rest stays lazy. Configs that need no calibration still run the example once, so
+    weight observers record the weights' ranges."""
     if calib_data is not None:
         iterator = iter(calib_data)
         first = next(iterator, None)
@@ -189,11 +207,8 @@ def quantize(model: torch.nn.Module, config: Config, calib_data: Iterable | None
         raise CalibrationError("static quantization needs calib_data (an iterable of input batches); "
                                "use DynamicQuantConfig to quantize without calibration")
     if example_inputs is None:
-        raise ConfigError("quantize() needs example_inputs when calib_data is not given")
-    prepared = prepare(model, config, example_inputs, dynamic_shapes=dynamic_shapes)
-    # Dynamic configs still run once: weight observers record the weights' ranges.
-    calibrate(prepared, calib_data if calib_data is not None else [example_inputs], progress=progress)
-    return convert(prepared)
+        raise ConfigError(f"{caller} needs example_inputs when calib_data is not given")
+    return (calib_data if calib_data is not None else [example_inputs]), example_inputs
 
 
 class _WithLength:

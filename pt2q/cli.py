@@ -1,4 +1,5 @@
-"""The `pt2q` command line: `pt2q demo` runs the main job on the embedded MiniLM."""
+"""The `pt2q` command line: `pt2q demo` runs the main job on the embedded MiniLM; `pt2q dump` dumps every
+pass of the quantization pipeline (text, diffs, numeric report, HTML) for a model."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dump(args: argparse.Namespace) -> int:
+    from .debug.cli import run_dump
+
+    return run_dump(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pt2q", description="Graph-mode quantization for PyTorch 2.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log pt2q's progress and kernel reports")
@@ -34,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--observer", default="histogram", choices=["minmax", "histogram", "moving_average"])
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
+    dump = commands.add_parser("dump", help="dump every pass of the pipeline: text, diffs, numeric report, HTML")
+    from .debug.cli import add_arguments as add_dump_arguments
+
+    add_dump_arguments(dump)
+    dump.set_defaults(run=_dump)
     return parser
 
 
