@@ -15,8 +15,9 @@ Options:
 
 Each subgraph is handled on its own (graph breaks are fine); one without quantizable layers goes
 straight to Inductor. Weights are frozen at compile time (inference). A recompile of the same subgraph
-for new shapes reuses the calibration already collected. Inputs are never written (see
-`pt2q.backends.inductor`). Compile with `dynamic=False`: symbolic shapes fall back to plain Inductor.
+for new shapes reuses the calibration already collected; a subgraph Dynamo makes dynamic (symbolic
+sizes) gets one quantized build per concrete input signature. Inputs are never written (see
+`pt2q.backends.inductor`).
 """
 from __future__ import annotations
 
@@ -207,8 +208,6 @@ def _compile_subgraph(graph_module: GraphModule, example_inputs: list, options: 
     from .passes.normalize_module_names import NormalizeModuleNames
     from .quantizers import weighted_ops
 
-    if any(not isinstance(value, torch.Tensor) for value in example_inputs):
-        raise ValueError("symbolic shapes in this subgraph; compile with dynamic=False to quantize it")
     frozen = _FrozenSubgraph(graph_module, example_inputs)
     runtime = frozen.runtime_inputs(example_inputs)
     captured = capture(frozen, runtime, {})
@@ -225,11 +224,38 @@ def _compile_subgraph(graph_module: GraphModule, example_inputs: list, options: 
     return _CompiledRunner(frozen, inductor.compile_graph(qmodel, runtime))
 
 
+class _PerShapeRunner:
+    """Dynamo hands a subgraph symbolic shapes (dynamic=True, or automatic dynamic after a recompile);
+    pt2q's capture is static, so one quantized build is made per concrete input signature, sharing the
+    subgraph's calibration. Signatures that cannot be quantized run on plain Inductor's dynamic build."""
+
+    def __init__(self, graph_module: GraphModule, options: BackendOptions, fallback):
+        self.graph_module, self.options, self.fallback = graph_module, options, fallback
+        self.runners: dict[tuple, Any] = {}
+
+    def __call__(self, *all_inputs):
+        signature = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in all_inputs)
+        if signature not in self.runners:
+            try:
+                with _LOCK:
+                    self.runners[signature] = _compile_subgraph(self.graph_module, list(all_inputs), self.options)
+            except Exception as error:  # noqa: BLE001 - same policy as the backend itself
+                if self.options.strict:
+                    raise
+                log.warning("pt2q backend: inputs %s run on plain Inductor (not quantized): %s: %s", signature,
+                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                self.runners[signature] = None
+        runner = self.runners[signature]
+        return (runner or self.fallback)(*all_inputs)
+
+
 def backend(graph_module: GraphModule, example_inputs: list, options: dict | None = None, mode: str | None = None):
     """The Dynamo backend. `mode` is torch.compile's own mode argument (passed on to plain Inductor)."""
     from torch._inductor.compile_fx import compile_fx
 
     parsed = BackendOptions.parse(options)  # bad options are the user's to fix: always raise
+    if any(not isinstance(value, torch.Tensor) for value in example_inputs):  # symbolic sizes
+        return _PerShapeRunner(graph_module, parsed, compile_fx(graph_module, example_inputs))
     try:
         with _LOCK:
             runner = _compile_subgraph(graph_module, list(example_inputs), parsed)

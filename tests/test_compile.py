@@ -129,17 +129,36 @@ def test_unknown_option_lists_valid_ones():
         torch.compile(model, backend="pt2q", options={"calib_step": 3})(torch.randn(2, 64))
 
 
-def test_failure_falls_back_to_inductor_unless_strict(caplog):
+def test_failure_falls_back_to_inductor_unless_strict(caplog, monkeypatch):
     torch.manual_seed(0)
     model = TwoLayers().eval()
     x = torch.randn(16, 64)
-    # dynamic=True gives the backend symbolic shapes, which pt2q's capture does not take yet.
+
+    def broken_quantize(*args, **kwargs):
+        raise RuntimeError("simulated quantization failure")
+
+    monkeypatch.setattr(pt2q.api, "quantize", broken_quantize)
     with caplog.at_level(logging.WARNING, logger="pt2q"):
-        compiled = torch.compile(model, backend="pt2q", options={"mode": "dynamic"}, dynamic=True)
+        compiled = torch.compile(model, backend="pt2q", options={"mode": "dynamic"}, dynamic=False)
         with torch.no_grad():
             assert torch.allclose(compiled(x), model(x), atol=1e-5)  # plain Inductor: fp32 results
-    assert any("plain Inductor" in r.getMessage() and "dynamic=False" in r.getMessage() for r in caplog.records)
+    assert any("plain Inductor" in r.getMessage() and "simulated quantization failure" in r.getMessage()
+               for r in caplog.records)
     torch._dynamo.reset()
-    strict = torch.compile(model, backend="pt2q", options={"mode": "dynamic", "strict": True}, dynamic=True)
-    with pytest.raises(Exception, match="dynamic=False"):
+    strict = torch.compile(model, backend="pt2q", options={"mode": "dynamic", "strict": True}, dynamic=False)
+    with pytest.raises(Exception, match="simulated quantization failure"):
         strict(x)
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_symbolic_shapes_get_one_int8_build_per_shape(dynamic):
+    """dynamic=True, or the default automatic dynamic after a second shape: every shape runs int8."""
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    compiled = torch.compile(model, backend="pt2q", options={"mode": "dynamic", "strict": True}, dynamic=dynamic)
+    with torch.no_grad():
+        for batch in (16, 5, 9):
+            x = torch.randn(batch, 64)
+            output = compiled(x)
+            assert not torch.equal(output, model(x)), batch  # int8, not a plain fp32 build
+            assert relative_error(output, model(x)) < 0.03, batch

@@ -34,6 +34,16 @@ _SQ_CONSTANT = re.compile(r"(_sq|_sq_inv_scale)(_\d+)?$")
 SQ_INV_SCALE = re.compile(r"_sq_inv_scale(_\d+)?$")
 
 
+def _scheme_parts(observer_or_spec) -> list[str]:
+    """The qscheme and, per channel, the axis of an observer or a quantization spec."""
+    qscheme = getattr(observer_or_spec, "qscheme", None)
+    parts = [_QSCHEMES[qscheme]] if qscheme in _QSCHEMES else []
+    axis = getattr(observer_or_spec, "ch_axis", None)
+    if axis is not None and qscheme in (torch.per_channel_symmetric, torch.per_channel_affine):
+        parts.append(f"axis={axis}")
+    return parts
+
+
 def _ops(names: tuple[str, ...]) -> frozenset:
     found = set()
     for name in names:
@@ -216,12 +226,7 @@ def observer_text(observer: torch.nn.Module, with_qparams: bool = True) -> str:
     if getattr(observer, "is_dynamic", False):
         parts.append("dynamic")
         return " ".join(parts)
-    qscheme = getattr(observer, "qscheme", None)
-    if qscheme in _QSCHEMES:
-        parts.append(_QSCHEMES[qscheme])
-    if getattr(observer, "ch_axis", None) is not None and qscheme in (torch.per_channel_symmetric,
-                                                                       torch.per_channel_affine):
-        parts.append(f"axis={observer.ch_axis}")
+    parts.extend(_scheme_parts(observer))
     if not _is_calibrated(observer):
         parts.append("(not calibrated)")
         return " ".join(parts)
@@ -266,12 +271,7 @@ def spec_text(spec) -> str:
             return "shared with " + "->".join(getattr(n, "name", "?") for n in edge)
         return f"shared with {getattr(edge, 'name', '?')}"
     parts = [fmt_dtype(getattr(spec, "dtype", None))]
-    qscheme = getattr(spec, "qscheme", None)
-    if qscheme in _QSCHEMES:
-        parts.append(_QSCHEMES[qscheme])
-    if getattr(spec, "ch_axis", None) is not None and qscheme in (torch.per_channel_symmetric,
-                                                                   torch.per_channel_affine):
-        parts.append(f"axis={spec.ch_axis}")
+    parts.extend(_scheme_parts(spec))
     if getattr(spec, "is_dynamic", False):
         parts.append("dynamic")
     ctr = getattr(spec, "observer_or_fake_quant_ctr", None)
