@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch.fx import GraphModule, Node
@@ -270,5 +269,3 @@ def _flat_inputs(node: Node) -> list:
         flat.extend(arg if isinstance(arg, (list, tuple)) else [arg])
     return flat
 
-
-SchemeFactory = Callable[..., QuantScheme]
