@@ -127,7 +127,11 @@ class _FrozenSubgraph(torch.nn.Module):
 
 # -- per-subgraph runners -------------------------------------------------------------------------
 def _structure_key(graph_module: GraphModule) -> tuple:
-    return tuple((node.op, str(node.target)) for node in graph_module.graph.nodes)
+    """The subgraph's tensor computation. Size arithmetic is left out: a recompile with symbolic sizes
+    adds such nodes but is the same subgraph, and must find the calibration already collected."""
+    return tuple((node.op, str(node.target)) for node in graph_module.graph.nodes
+                 if node.op not in ("placeholder", "output")
+                 and isinstance(node.meta.get("example_value"), torch.Tensor))
 
 
 @dataclass

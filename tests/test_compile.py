@@ -111,6 +111,21 @@ def test_recompile_for_new_shape_keeps_calibration():
     assert relative_error(output, model(other_shape)) < 0.03
 
 
+def test_static_calibration_survives_automatic_dynamic_recompile():
+    """Default dynamic=None: a second shape recompiles the subgraph with symbolic sizes; the
+    calibration from the first shape must carry over (int8 from the first call of the new shape)."""
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    compiled = torch.compile(model, backend="pt2q", options={"mode": "static", "calib_steps": 2, "strict": True})
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(torch.randn(16, 64))
+        other_shape = torch.randn(7, 64)
+        output = compiled(other_shape)
+    assert not torch.equal(output, model(other_shape))
+    assert relative_error(output, model(other_shape)) < 0.03
+
+
 def test_inputs_never_written():
     torch.manual_seed(0)
     model = Residual().eval()
