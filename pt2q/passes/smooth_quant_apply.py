@@ -74,6 +74,11 @@ def _through_observer(gm: GraphModule, node: Node) -> tuple[Node, Node | None]:
     return node, None
 
 
+def _constant_through_observer(gm: GraphModule, node: Node) -> torch.Tensor:
+    """The constant a node argument holds, looking through its weight observer on observed graphs."""
+    return get_constant(gm, _through_observer(gm, node)[0]).detach()
+
+
 def _replace_constant(gm: GraphModule, user: Node, arg_index: int, value: torch.Tensor, hint: str) -> Node:
     """Point `user.args[arg_index]` (possibly through its observer) at a new constant `value`."""
     current = user.args[arg_index]
@@ -190,7 +195,7 @@ class SmoothQuantApply:
     def _weight_column_absmax(gm: GraphModule, group: AbsorbGroup) -> torch.Tensor:
         maxima = []
         for consumer in group.consumers:
-            weight = get_constant(gm, _through_observer(gm, consumer.args[1])[0]).detach().float()
+            weight = _constant_through_observer(gm, consumer.args[1]).float()
             maxima.append(weight.abs().transpose(0, 1).reshape(weight.shape[1], -1).amax(1))
         return torch.stack(maxima).amax(0).clamp(min=_WEIGHT_CLIP)
 
@@ -216,7 +221,7 @@ class SmoothQuantApply:
                                                                            group.channels)), low, high, qmin, qmax)
         errors = []
         for consumer in group.consumers:
-            weight = get_constant(gm, _through_observer(gm, consumer.args[1])[0]).detach().float()
+            weight = _constant_through_observer(gm, consumer.args[1]).float()
             extra = [get_constant(gm, a) if isinstance(a, Node) else a for a in consumer.args[2:]]
             reference = self._reference(consumer, sample, weight, extra)
             w = fake_quant_weight(weight * scales.reshape(_channel_shape(weight.dim(), 1, group.channels)))
@@ -255,7 +260,7 @@ class SmoothQuantApply:
     # -- rewriting ------------------------------------------------------------------------------
     def _scale_consumers(self, gm: GraphModule, group: AbsorbGroup, scales: torch.Tensor) -> None:
         for consumer in group.consumers:
-            weight = get_constant(gm, _through_observer(gm, consumer.args[1])[0]).detach()
+            weight = _constant_through_observer(gm, consumer.args[1])
             scaled = weight * scales.to(weight.dtype).reshape(_channel_shape(weight.dim(), 1, group.channels))
             _replace_constant(gm, consumer, 1, scaled, f"{module_fqn(consumer) or consumer.name}.weight_sq")
 
@@ -274,12 +279,12 @@ class SmoothQuantApply:
                 _replace_constant(gm, producer, index, value / scales.to(value.dtype), f"{hint}.sq")
         elif absorber.how in (Absorb.OUTPUT_ROWS, Absorb.LINEAR_OPERAND):
             target = group.absorb_target if absorber.how is Absorb.LINEAR_OPERAND else producer
-            weight = get_constant(gm, _through_observer(gm, target.args[1])[0]).detach()
+            weight = _constant_through_observer(gm, target.args[1])
             row_scales = scales.to(weight.dtype).reshape(_channel_shape(weight.dim(), 0, group.channels))
             _replace_constant(gm, target, 1, weight / row_scales, f"{module_fqn(target) or target.name}.weight_sq")
             bias = target.args[2] if len(target.args) > 2 else None
             if bias is not None:
-                value = get_constant(gm, _through_observer(gm, bias)[0]).detach()
+                value = _constant_through_observer(gm, bias)
                 _replace_constant(gm, target, 2, value / scales.to(value.dtype),
                                   f"{module_fqn(target) or target.name}.bias_sq")
         elif absorber.how is Absorb.CONSTANT_OPERAND:
