@@ -136,7 +136,8 @@ def _structure_key(graph_module: GraphModule) -> tuple:
 
 @dataclass
 class _Calibration:
-    """Observer states of a static subgraph, shared by its recompiles."""
+    """The observers of a static subgraph's latest build (live modules, read only when a recompile
+    starts a new build) and the calibration calls made so far, shared by its recompiles."""
 
     observers: dict = field(default_factory=dict)
     steps: int = 0
@@ -155,10 +156,12 @@ class _StaticRunner:
         self.frozen, self.calib_steps = frozen, calib_steps
         self.prepared = prepare(captured, config)
         self.calibration = _CALIBRATIONS.setdefault(key, _Calibration())
-        for name, module in self._observers().items():
-            state = self.calibration.observers.get(name)
-            if state is not None:  # a recompile of this subgraph: keep what was calibrated
-                module.load_state_dict(state, strict=False)
+        observers = self._observers()
+        for name, module in observers.items():
+            earlier = self.calibration.observers.get(name)
+            if earlier is not None:  # a recompile of this subgraph: keep what was calibrated
+                module.load_state_dict(earlier.state_dict(), strict=False)
+        self.calibration.observers = observers
         self.compiled = None
         if self.calibration.steps >= calib_steps:
             self._finish(self.frozen_example())
@@ -189,8 +192,6 @@ class _StaticRunner:
         with torch.no_grad():
             outputs = self.prepared(*runtime)
         self.calibration.steps += 1
-        self.calibration.observers = {n: {k: v.clone() for k, v in m.state_dict().items()}
-                                      for n, m in self._observers().items()}
         if self.calibration.steps >= self.calib_steps:
             self._finish(runtime)
         return outputs
