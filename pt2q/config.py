@@ -148,7 +148,9 @@ class WeightOnlyQuantConfig(_UncalibratedConfig):
         return quantizer_cls.weight_only_scheme(per_channel=self.weight_granularity == "per_channel")
 
 
-def _wrap_init_with_field_check(cls):
+def with_field_check(cls):
+    """Wrap a config dataclass's generated __init__ so an unknown field raises a ConfigError that
+    lists the valid fields (instead of a bare TypeError)."""
     generated_init = cls.__init__
 
     def __init__(self, *args, **kwargs):
@@ -160,6 +162,6 @@ def _wrap_init_with_field_check(cls):
     return cls
 
 
-StaticQuantConfig = _wrap_init_with_field_check(StaticQuantConfig)
-DynamicQuantConfig = _wrap_init_with_field_check(DynamicQuantConfig)
-WeightOnlyQuantConfig = _wrap_init_with_field_check(WeightOnlyQuantConfig)
+StaticQuantConfig = with_field_check(StaticQuantConfig)
+DynamicQuantConfig = with_field_check(DynamicQuantConfig)
+WeightOnlyQuantConfig = with_field_check(WeightOnlyQuantConfig)

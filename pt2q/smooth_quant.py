@@ -14,15 +14,15 @@ needed to fit a histogram to the smoothed inputs.
 """
 from __future__ import annotations
 
-import difflib
 import numbers
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 from torch.fx import GraphModule
 
+from .config import with_field_check
 from .errors import ConfigError
 from .passes.insert_channel_recorders import InsertChannelRecorders
 from .passes.manager import PassManager
@@ -37,7 +37,7 @@ _CRITERIA = ("min", "max", "mean")
 _AUTO_SAMPLE_ELEMENTS = 1 << 18
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SmoothQuantConfig:
     """alpha: float in [0, 1]; "auto" (grid search per group on fake-quantized consumer outputs); or a
         dict {module-name regex | nn.Module class | ATen op: float | "auto" | None} (first matching key
@@ -55,15 +55,7 @@ class SmoothQuantConfig:
     auto_criterion: str = "mean"
     skip_if_worse: bool = True
 
-    def __init__(self, **kwargs):
-        valid = [f.name for f in fields(self)]
-        for name in kwargs:
-            if name not in valid:
-                close = difflib.get_close_matches(name, valid, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"SmoothQuantConfig has no field {name!r}{hint}; valid fields: {', '.join(valid)}")
-        for f in fields(self):
-            setattr(self, f.name, kwargs.get(f.name, f.default))
+    def __post_init__(self):
         try:
             self.auto_grid = tuple(float(a) for a in self.auto_grid)
         except (TypeError, ValueError) as error:
@@ -103,6 +95,9 @@ class SmoothQuantConfig:
     def needs_samples(self) -> bool:
         values = self.alpha.values() if isinstance(self.alpha, dict) else [self.alpha]
         return self.skip_if_worse or any(v == "auto" for v in values)
+
+
+SmoothQuantConfig = with_field_check(SmoothQuantConfig)
 
 
 class SmoothQuantPlan:
