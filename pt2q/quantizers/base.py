@@ -256,16 +256,8 @@ class RuleQuantizer(Quantizer):
         spec = annotation.input_qspec_map.get(producer)
         if isinstance(spec, QuantizationSpec):
             return spec
-        if isinstance(spec, SharedQuantizationSpec) or (spec is None and producer in _flat_inputs(user)):
-            # the user is a propagating op that already shares qparams: find the root spec
+        if isinstance(spec, SharedQuantizationSpec):
+            # the user is a cat sharing its first input's qparams: find that root spec
             root = annotation.input_qspec_map
             return next((s for s in root.values() if isinstance(s, QuantizationSpec)), None)
         return None
-
-
-def _flat_inputs(node: Node) -> list:
-    flat = []
-    for arg in node.args:
-        flat.extend(arg if isinstance(arg, (list, tuple)) else [arg])
-    return flat
-

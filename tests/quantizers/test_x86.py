@@ -214,3 +214,14 @@ def test_gpt2_addmm_is_rewritten_and_quantized(zoo):
     assert rel_error(zm.output_fn(call(converted, zm.args, zm.kwargs)), zm.run()) < 0.03
     snap.assert_unchanged()  # the user's Conv1D weights: same tensors, same [in, out] values
     assert all(w.shape == (32, 96) for w in weights.values())
+
+
+def test_weight_only_never_quantizes_activations(zoo):
+    """Pooling/flatten propagation must not hand a weight-only layer's weight spec to activations
+    (the CNN's relu -> pool -> flatten -> head chain once got per-channel int8 activations)."""
+    zm = zoo("cnn")
+    qmodel = pt2q.quantize(zm.model, pt2q.WeightOnlyQuantConfig(), example_inputs=zm.args, progress=False)
+    quantize_ops = [n for n in qmodel.graph.nodes if n.op == "call_function" and "quantize_per" in str(n.target)
+                    and "dequantize" not in str(n.target)]
+    assert quantize_ops == []  # weights are folded to int8 constants; nothing quantizes at run time
+    assert pt2q.count_quantized_layers(qmodel) == zm.num_quantizable
