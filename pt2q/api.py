@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .capture import EXAMPLE_INPUTS_KEY, capture, normalize_inputs
 from .config import DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig
 from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
+from .isa import detect as detect_isa
 from .passes.manager import PassManager
 from .passes.torchao_convert import TorchaoConvert
 from .passes.torchao_prepare import TorchaoPrepare
@@ -37,6 +38,7 @@ PREPARED_KEY = "pt2q_prepared"
 QUANTIZED_KEY = "pt2q_quantized"
 SMOOTH_QUANT_PLAN_KEY = "pt2q_smooth_quant_plan"
 SMOOTH_QUANT_REPORT_KEY = "pt2q_smooth_quant_report"
+INT8_NUMERICS_KEY = "pt2q_int8_numerics"  # the saturation guard chosen and the ISA it was chosen for
 _SAVE_FORMAT = 1
 
 Config = StaticQuantConfig | DynamicQuantConfig | WeightOnlyQuantConfig
@@ -68,11 +70,29 @@ def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, 
         from .smooth_quant import insert as insert_smooth_quant
 
         smooth_quant_plan = insert_smooth_quant(graph_module, config.smooth_quant)
-    prepared, _ = PassManager([TorchaoPrepare(config.to_quantizer())])(graph_module)
+    quantizer = config.to_quantizer()
+    prepared, _ = PassManager([TorchaoPrepare(quantizer)])(graph_module)
+    prepared.meta[INT8_NUMERICS_KEY] = _int8_numerics(config, quantizer)
     prepared.meta[SMOOTH_QUANT_PLAN_KEY] = smooth_quant_plan
     prepared.meta[CONFIG_KEY] = config
     prepared.meta[PREPARED_KEY] = True
     return prepared
+
+
+def _int8_numerics(config: Config, quantizer) -> dict:
+    """What the saturation guard resolved to (per scheme in use) on which ISA, and the global scheme's
+    integer ranges (SmoothQuant's error estimates use them)."""
+    schemes = [quantizer.global_scheme, *(s for _, s in quantizer.module_name_rules),
+               *(s for _, s in quantizer.op_type_rules)]
+    schemes = [s for s in schemes if s is not None]
+    numerics = {"saturation_guard": getattr(config, "saturation_guard", "off"),
+                "resolved": sorted({s.saturation_guard for s in schemes}), "built_on": detect_isa().describe()}
+    scheme = quantizer.global_scheme
+    if scheme is not None:
+        if scheme.activation is not None:
+            numerics["activation_range"] = [scheme.activation.quant_min, scheme.activation.quant_max]
+        numerics["weight_range"] = [scheme.weight.quant_min, scheme.weight.quant_max]
+    return numerics
 
 
 def _observers(graph_module: GraphModule) -> dict[str, torch.nn.Module]:
@@ -156,7 +176,9 @@ def convert(prepared: GraphModule) -> GraphModule:
     plan = prepared.meta.get(SMOOTH_QUANT_PLAN_KEY)
     if plan is not None:
         info = torch.iinfo(QUANTIZERS[prepared.meta[CONFIG_KEY].backend].activation_dtype)
-        report = plan.apply(prepared, activation_range=(info.min, info.max))
+        numerics = prepared.meta.get(INT8_NUMERICS_KEY, {})
+        report = plan.apply(prepared, activation_range=tuple(numerics.get("activation_range", (info.min, info.max))),
+                            weight_range=tuple(numerics.get("weight_range", (-128, 127))))
         # Dropped only once applied: a failed apply (e.g. NaN at a group input) can be retried.
         prepared.meta.pop(SMOOTH_QUANT_PLAN_KEY)
         prepared.meta[SMOOTH_QUANT_REPORT_KEY] = report
@@ -229,7 +251,8 @@ def _saved_metadata(qmodel: GraphModule) -> dict:
     return {"format": _SAVE_FORMAT, "backend": getattr(config, "backend", None),
             "mixed_bf16": bool(getattr(config, "mixed_bf16", False)),
             "dynamic": bool(getattr(config, "is_dynamic", False)),
-            "config": type(config).__name__ if config is not None else None}
+            "config": type(config).__name__ if config is not None else None,
+            "int8_numerics": qmodel.meta.get(INT8_NUMERICS_KEY)}
 
 
 def save(qmodel: GraphModule, path: str | os.PathLike) -> None:
@@ -299,6 +322,13 @@ def load(path: str | os.PathLike) -> GraphModule:
         kinds = {cls.__name__: cls for cls in (StaticQuantConfig, DynamicQuantConfig, WeightOnlyQuantConfig)}
         cls = kinds.get(metadata.get("config")) or (DynamicQuantConfig if metadata.get("dynamic") else StaticQuantConfig)
         graph_module.meta[CONFIG_KEY] = cls(backend=metadata["backend"], mixed_bf16=metadata["mixed_bf16"])
+    numerics = metadata.get("int8_numerics")
+    if numerics:
+        graph_module.meta[INT8_NUMERICS_KEY] = numerics
+    from .backends.inductor.saturation import warn_if_saturating
+
+    where = f"pt2q.load({os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'file'!r})"
+    warn_if_saturating(graph_module, where, built_on=(numerics or {}).get("built_on"))
     return graph_module
 
 

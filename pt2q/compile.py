@@ -15,7 +15,9 @@ Options:
 
 Each subgraph is handled on its own (graph breaks are fine); one without quantizable layers goes
 straight to Inductor. Weights are frozen at compile time (inference). A recompile of the same subgraph
-for new shapes reuses the calibration already collected; a subgraph Dynamo makes dynamic (symbolic
+for new shapes reuses the calibration already collected. Calibration belongs to the model (its
+parameter objects) and the options: another model never sees it, compiles of the same model with the
+same options share it, and it is dropped with the model; a subgraph Dynamo makes dynamic (symbolic
 sizes) gets one quantized build per concrete input signature. Inputs are never written (see
 `pt2q.backends.inductor`).
 """
@@ -25,6 +27,7 @@ import copy
 import difflib
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +92,12 @@ class BackendOptions:
                 else SmoothQuantConfig(alpha=self.smooth_quant)
         return config
 
+    def fingerprint(self) -> str:
+        """Everything that shapes the quantized build, as text: builds that differ here never share
+        calibration."""
+        rules = getattr(self.config, "local_rules", None)
+        return repr((self.mode, self.calib_steps, self.config, rules, tuple(self.skip), self.smooth_quant))
+
 
 # -- freezing the Dynamo subgraph's parameters ----------------------------------------------------
 def _is_frozen_input(placeholder_name: str, value) -> bool:
@@ -97,21 +106,23 @@ def _is_frozen_input(placeholder_name: str, value) -> bool:
         "_buffers_" in placeholder_name
 
 
+def _frozen_positions(graph_module: GraphModule, example_inputs: list) -> list[int]:
+    names = [n.name for n in graph_module.graph.find_nodes(op="placeholder")]
+    return [position for position, (name, value) in enumerate(zip(names, example_inputs))
+            if isinstance(value, torch.Tensor) and _is_frozen_input(name, value)]
+
+
 class _FrozenSubgraph(torch.nn.Module):
     """Calls the Dynamo graph with its parameters held as this module's constants."""
 
     def __init__(self, graph_module: GraphModule, example_inputs: list):
         super().__init__()
         self.graph_module = graph_module
-        names = [n.name for n in graph_module.graph.find_nodes(op="placeholder")]
-        self.frozen_positions, self.runtime_positions = [], []
-        for position, (name, value) in enumerate(zip(names, example_inputs)):
-            if isinstance(value, torch.Tensor) and _is_frozen_input(name, value):
-                self.register_buffer(f"frozen_{position}", value.detach(), persistent=False)
-                self.frozen_positions.append(position)
-            else:
-                self.runtime_positions.append(position)
-        self.num_inputs = len(names)
+        self.frozen_positions = _frozen_positions(graph_module, example_inputs)
+        for position in self.frozen_positions:
+            self.register_buffer(f"frozen_{position}", example_inputs[position].detach(), persistent=False)
+        self.num_inputs = len(graph_module.graph.find_nodes(op="placeholder"))
+        self.runtime_positions = [p for p in range(self.num_inputs) if p not in self.frozen_positions]
 
     def forward(self, *runtime):
         merged = [None] * self.num_inputs
@@ -143,19 +154,35 @@ class _Calibration:
     steps: int = 0
 
 
+# Calibration state per (subgraph structure, backend options, identity of the model's parameters).
+# The parameters are the model's own objects, which Dynamo passes again on every recompile, so a
+# model's recompiles find its calibration and another model (other parameters) never does. An entry is
+# dropped when any of its parameters is garbage-collected: nothing outlives the model, and an id is
+# never reused while its entry exists.
 _CALIBRATIONS: dict[tuple, _Calibration] = {}
 _LOCK = threading.Lock()
+
+
+def _calibration_for(structure: tuple, options: "BackendOptions", parameters: list[torch.Tensor]) -> _Calibration:
+    key = (structure, options.fingerprint(), tuple(id(p) for p in parameters))
+    calibration = _CALIBRATIONS.get(key)
+    if calibration is None:
+        calibration = _CALIBRATIONS[key] = _Calibration()
+        for parameter in parameters:
+            weakref.finalize(parameter, _CALIBRATIONS.pop, key, None)
+    return calibration
 
 
 class _StaticRunner:
     """Observed graph for the first `calib_steps` calls (fp32 results), then the int8 Inductor build."""
 
-    def __init__(self, frozen: _FrozenSubgraph, captured: GraphModule, config, calib_steps: int, key: tuple):
+    def __init__(self, frozen: _FrozenSubgraph, captured: GraphModule, config, calib_steps: int,
+                 calibration: _Calibration):
         from .api import prepare
 
         self.frozen, self.calib_steps = frozen, calib_steps
         self.prepared = prepare(captured, config)
-        self.calibration = _CALIBRATIONS.setdefault(key, _Calibration())
+        self.calibration = calibration
         observers = self._observers()
         for name, module in observers.items():
             earlier = self.calibration.observers.get(name)
@@ -222,36 +249,68 @@ def _compile_subgraph(graph_module: GraphModule, example_inputs: list, options: 
         return None  # nothing to quantize
     config = options.quant_config()
     if options.mode == "static":
-        return _StaticRunner(frozen, captured, config, options.calib_steps, _structure_key(graph_module))
+        parameters = [example_inputs[position] for position in frozen.frozen_positions]
+        calibration = _calibration_for(_structure_key(graph_module), options, parameters)
+        return _StaticRunner(frozen, captured, config, options.calib_steps, calibration)
     qmodel = quantize(captured, config, example_inputs=runtime, progress=False)
     if count_quantized_layers(qmodel) == 0:
         return None
     return _CompiledRunner(frozen, inductor.compile_graph(qmodel, runtime))
 
 
-class _PerShapeRunner:
-    """Dynamo hands a subgraph symbolic shapes (dynamic=True, or automatic dynamic after a recompile);
-    pt2q's capture is static, so one quantized build is made per concrete input signature, sharing the
-    subgraph's calibration. Signatures that cannot be quantized run on plain Inductor's dynamic build."""
+_MISSING = object()
 
-    def __init__(self, graph_module: GraphModule, options: BackendOptions, fallback):
-        self.graph_module, self.options, self.fallback = graph_module, options, fallback
-        self.runners: dict[tuple, Any] = {}
 
-    def __call__(self, *all_inputs):
-        signature = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in all_inputs)
-        if signature not in self.runners:
+class _SubgraphDispatch:
+    """Picks the build for a call of one Dynamo subgraph. pt2q freezes parameters (and, for symbolic
+    subgraphs, shapes) into each build, but Dynamo reuses a compiled subgraph for every instance of a
+    model class when the backend options are equal, passing that instance's parameters as inputs; and a
+    symbolic subgraph is called with many shapes. So builds are keyed by the identity of the parameters
+    passed (and the shapes): another model gets its own build and calibration, never a stale one. A
+    build is dropped when its parameters are garbage-collected. Inputs that cannot be quantized run on
+    plain Inductor (`fallback`)."""
+
+    def __init__(self, graph_module: GraphModule, example_inputs: list, options: BackendOptions,
+                 fallback=None, symbolic: bool = False):
+        self.graph_module, self.options, self._fallback = graph_module, options, fallback
+        self.frozen_positions = _frozen_positions(graph_module, example_inputs)
+        self.symbolic = symbolic
+        self.builds: dict[tuple, Any] = {}
+
+    def key(self, inputs) -> tuple:
+        identity = tuple(id(inputs[p]) for p in self.frozen_positions)
+        if not self.symbolic:
+            return identity, ()
+        return identity, tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in inputs)
+
+    def add(self, inputs, build) -> None:
+        key = self.key(inputs)
+        self.builds[key] = build
+        for position in self.frozen_positions:
+            weakref.finalize(inputs[position], self.builds.pop, key, None)
+
+    def fallback(self, inputs):
+        if self._fallback is None:  # built on first need: holding the first call's tensors would keep them alive
+            from torch._inductor.compile_fx import compile_fx
+
+            self._fallback = compile_fx(self.graph_module, list(inputs))
+        return self._fallback
+
+    def __call__(self, *inputs):
+        build = self.builds.get(self.key(inputs), _MISSING)
+        if build is _MISSING:
             try:
                 with _LOCK:
-                    self.runners[signature] = _compile_subgraph(self.graph_module, list(all_inputs), self.options)
+                    build = _compile_subgraph(self.graph_module, list(inputs), self.options)
             except Exception as error:  # noqa: BLE001 - same policy as the backend itself
                 if self.options.strict:
                     raise
-                log.warning("pt2q backend: inputs %s run on plain Inductor (not quantized): %s: %s", signature,
-                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-                self.runners[signature] = None
-        runner = self.runners[signature]
-        return (runner or self.fallback)(*all_inputs)
+                log.warning("pt2q backend: inputs %s run on plain Inductor (not quantized): %s: %s",
+                            self.key(inputs)[1] or "of another model", type(error).__name__,
+                            str(error).splitlines()[0] if str(error) else "")
+                build = None
+            self.add(inputs, build)
+        return (build or self.fallback(inputs))(*inputs)
 
 
 def backend(graph_module: GraphModule, example_inputs: list, options: dict | None = None, mode: str | None = None):
@@ -260,7 +319,8 @@ def backend(graph_module: GraphModule, example_inputs: list, options: dict | Non
 
     parsed = BackendOptions.parse(options)  # bad options are the user's to fix: always raise
     if any(not isinstance(value, torch.Tensor) for value in example_inputs):  # symbolic sizes
-        return _PerShapeRunner(graph_module, parsed, compile_fx(graph_module, example_inputs))
+        return _SubgraphDispatch(graph_module, example_inputs, parsed, compile_fx(graph_module, example_inputs),
+                                 symbolic=True)
     try:
         with _LOCK:
             runner = _compile_subgraph(graph_module, list(example_inputs), parsed)
@@ -273,4 +333,6 @@ def backend(graph_module: GraphModule, example_inputs: list, options: dict | Non
     if runner is None:
         log.info("pt2q backend: subgraph with nothing to quantize goes to plain Inductor")
         return compile_fx(graph_module, example_inputs)
-    return runner
+    dispatch = _SubgraphDispatch(graph_module, example_inputs, parsed)
+    dispatch.add(example_inputs, runner)
+    return dispatch

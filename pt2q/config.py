@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .isa import SATURATION_GUARDS
 from .quantizers import QUANTIZERS
 from .quantizers.base import ACTIVATION_OBSERVERS, QuantScheme, RuleQuantizer
 
@@ -40,6 +41,10 @@ class _Config:
         if self.weight_granularity not in ("per_channel", "per_tensor"):
             raise ConfigError(f"{type(self).__name__}.weight_granularity={self.weight_granularity!r}; valid: "
                               "'per_channel', 'per_tensor'")
+        guard = getattr(self, "saturation_guard", "off")
+        if guard not in SATURATION_GUARDS:
+            raise ConfigError(f"{type(self).__name__}.saturation_guard={guard!r}; valid: "
+                              f"{', '.join(map(repr, SATURATION_GUARDS))}")
 
     def set_local(self, target: Any, config: "StaticQuantConfig | DynamicQuantConfig | None"):
         """Override the config for a module-name regex, an nn.Module class or an ATen op. Returns self."""
@@ -82,6 +87,9 @@ class StaticQuantConfig(_Config):
     mixed_bf16: run the non-quantized ops in bfloat16 (int8-mixed-bf16) when compiled.
     quantize_attention_matmul: also quantize activation x activation matmuls (eager attention).
     smooth_quant: a `pt2q.SmoothQuantConfig` to smooth activation outliers (same calibration pass).
+    saturation_guard: "auto" (default: on CPUs whose int8 kernels saturate, i.e. without VNNI/AMX,
+        int8 weights in [-64, 63]; nothing elsewhere), "weights7", "activations7" (torchao's 7-bit
+        activations) or "off". See `pt2q.isa`.
     """
 
     backend: str = "x86"
@@ -90,6 +98,7 @@ class StaticQuantConfig(_Config):
     mixed_bf16: bool = False
     quantize_attention_matmul: bool = False
     smooth_quant: Any = None
+    saturation_guard: str = "auto"
     local_rules: list = field(default_factory=list, repr=False, init=False)  # filled by set_local()
 
     def __post_init__(self):
@@ -108,7 +117,8 @@ class StaticQuantConfig(_Config):
 
     def scheme(self, quantizer_cls):
         return quantizer_cls.static_scheme(observer=self.activation_observer,
-                                           per_channel=self.weight_granularity == "per_channel")
+                                           per_channel=self.weight_granularity == "per_channel",
+                                           saturation_guard=self.saturation_guard)
 
 
 @dataclass(init=True)
@@ -129,12 +139,15 @@ class _UncalibratedConfig(_Config):
 
 @dataclass(init=True)
 class DynamicQuantConfig(_UncalibratedConfig):
-    """Dynamic int8: int8 weights, activation qparams computed per call (no calibration data needed)."""
+    """Dynamic int8: int8 weights, activation qparams computed per call (no calibration data needed).
+    `saturation_guard` as in StaticQuantConfig."""
 
+    saturation_guard: str = "auto"
     is_dynamic = True
 
     def scheme(self, quantizer_cls):
-        return quantizer_cls.dynamic_scheme(per_channel=self.weight_granularity == "per_channel")
+        return quantizer_cls.dynamic_scheme(per_channel=self.weight_granularity == "per_channel",
+                                            saturation_guard=self.saturation_guard)
 
 
 @dataclass(init=True)

@@ -106,11 +106,14 @@ class SmoothQuantPlan:
     def __init__(self, config: SmoothQuantConfig, groups, recorders):
         self.config, self.groups, self.recorders = config, groups, recorders
 
-    def apply(self, graph_module: GraphModule, activation_range: tuple[int, int] = (0, 255)) -> SmoothQuantReport:
+    def apply(self, graph_module: GraphModule, activation_range: tuple[int, int] = (0, 255),
+              weight_range: tuple[int, int] = (-128, 127)) -> SmoothQuantReport:
+        """Compute and fold the scales; the ranges are the quantizer's, for the error estimates."""
         apply = SmoothQuantApply(self.groups, self.recorders, alpha=self.config.alpha,
                                  default_alpha=self.config.default_alpha, folding_only=self.config.folding_only,
                                  auto_grid=self.config.auto_grid, auto_criterion=self.config.auto_criterion,
-                                 skip_if_worse=self.config.skip_if_worse, activation_range=activation_range)
+                                 skip_if_worse=self.config.skip_if_worse, activation_range=activation_range,
+                                 weight_range=weight_range)
         PassManager([apply])(graph_module)
         return apply.report
 

@@ -177,3 +177,46 @@ def test_symbolic_shapes_get_one_int8_build_per_shape(dynamic):
             output = compiled(x)
             assert not torch.equal(output, model(x)), batch  # int8, not a plain fp32 build
             assert relative_error(output, model(x)) < 0.03, batch
+
+
+def _static_two_layers(seed: int, scale_first: float = 1.0):
+    torch.manual_seed(seed)
+    model = TwoLayers().eval()
+    with torch.no_grad():
+        model.fc.weight *= scale_first
+    return model
+
+
+def test_calibration_belongs_to_one_model():
+    """Two same-architecture models with different weights: each calibrates on its own data and
+    matches its own pt2q.quantize; a third, compiled after the first is collected, starts uncalibrated."""
+    import gc
+
+    from pt2q import compile as pt2q_compile
+
+    gc.collect()  # earlier tests' models (and so their calibrations) are gone
+    before = len(pt2q_compile._CALIBRATIONS)
+    options = {"mode": "static", "calib_steps": 2, "strict": True}
+    models = [_static_two_layers(0), _static_two_layers(1, scale_first=20.0)]
+    data = [[torch.randn(16, 64) * (1 + 4 * i) for _ in range(2)] for i in range(2)]
+    compiled = [torch.compile(m, backend="pt2q", options=dict(options), dynamic=False) for m in models]
+    with torch.no_grad():
+        for model, runner, batches in zip(models, compiled, data):
+            for x in batches:  # calibration calls: fp32 results, so never the other model's int8
+                assert torch.equal(runner(x), model(x))
+        probe = torch.randn(16, 64)
+        for model, runner, batches in zip(models, compiled, data):
+            reference = pt2q.quantize(model, pt2q.StaticQuantConfig(), [(x,) for x in batches], progress=False)
+            output = runner(probe)
+            assert not torch.equal(output, model(probe))
+            assert relative_error(output, reference(probe)) < 1e-4
+    entries = len(pt2q_compile._CALIBRATIONS)
+    assert entries == before + 2
+    del models[0], compiled[0]  # Dynamo's compiled code stays: the third model reuses it
+    gc.collect()
+    assert len(pt2q_compile._CALIBRATIONS) == entries - 1  # the first model's calibration went with it
+    third = _static_two_layers(2)
+    runner = torch.compile(third, backend="pt2q", options=dict(options), dynamic=False)
+    with torch.no_grad():
+        x = torch.randn(16, 64)
+        assert torch.equal(runner(x), third(x))  # a calibration call, not someone else's int8

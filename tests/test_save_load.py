@@ -105,8 +105,16 @@ def test_saved_file_is_a_torch_export_archive(saved_mlp):
     extra = {"pt2q.json": ""}
     exported = torch.export.load(path, extra_files=extra)  # torch alone can read it
     assert isinstance(exported, torch.export.ExportedProgram)
-    assert json.loads(extra["pt2q.json"]) == {"format": 1, "backend": "x86", "mixed_bf16": False,
-                                              "dynamic": False, "config": "StaticQuantConfig"}
+    metadata = json.loads(extra["pt2q.json"])
+    numerics = metadata.pop("int8_numerics")
+    assert metadata == {"format": 1, "backend": "x86", "mixed_bf16": False, "dynamic": False,
+                        "config": "StaticQuantConfig"}
+    # the saturation guard chosen here and the ISA it was chosen for travel with the file
+    assert numerics["saturation_guard"] == "auto"
+    assert numerics["built_on"] == pt2q.isa.detect().describe()
+    expected = "weights7" if pt2q.isa.detect().int8_saturates else "off"
+    assert numerics["resolved"] == [expected]
+    assert numerics["weight_range"] == ([-64, 63] if expected == "weights7" else [-128, 127])
     assert torch.equal(exported.module()(*zm.args), call(qmodel, zm.args))
 
 

@@ -129,11 +129,12 @@ def fake_quant_activation(x: torch.Tensor, low: float, high: float, qmin: int, q
     return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
-def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
-    """int8 symmetric per output channel (dim 0), as the quantizers' weight spec."""
+def fake_quant_weight(weight: torch.Tensor, qmin: int = -128, qmax: int = 127) -> torch.Tensor:
+    """int8 symmetric per output channel (dim 0), as the quantizers' weight spec (torchao's symmetric
+    scale: amax over half the range)."""
     amax = weight.abs().reshape(weight.shape[0], -1).amax(1).clamp(min=2 ** -12)
-    scale = (amax / 127.5).reshape(_channel_shape(weight.dim(), 0, weight.shape[0]))
-    return torch.clamp(torch.round(weight / scale), -128, 127) * scale
+    scale = (amax / ((qmax - qmin) / 2)).reshape(_channel_shape(weight.dim(), 0, weight.shape[0]))
+    return torch.clamp(torch.round(weight / scale), qmin, qmax) * scale
 
 
 # -- the pass -------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ class SmoothQuantApply:
     def __init__(self, groups: list[AbsorbGroup], recorders: dict[str, str], *, alpha=0.5,
                  default_alpha: float = 0.5, folding_only: bool = False,
                  auto_grid: tuple[float, ...] = tuple(i / 10 for i in range(11)), auto_criterion: str = "mean",
-                 skip_if_worse: bool = True, activation_range: tuple[int, int] = (0, 255)):
+                 skip_if_worse: bool = True, activation_range: tuple[int, int] = (0, 255),
+                 weight_range: tuple[int, int] = (-128, 127)):
         self.groups = groups
         self.recorders = recorders
         self.alpha = alpha
@@ -157,6 +159,7 @@ class SmoothQuantApply:
         self.auto_criterion = auto_criterion
         self.skip_if_worse = skip_if_worse
         self.activation_range = activation_range
+        self.weight_range = weight_range
         self.report = SmoothQuantReport()
 
     # -- alpha ----------------------------------------------------------------------------------
@@ -224,7 +227,8 @@ class SmoothQuantApply:
             weight = _constant_through_observer(gm, consumer.args[1]).float()
             extra = [get_constant(gm, a) if isinstance(a, Node) else a for a in consumer.args[2:]]
             reference = self._reference(consumer, sample, weight, extra)
-            w = fake_quant_weight(weight * scales.reshape(_channel_shape(weight.dim(), 1, group.channels)))
+            w = fake_quant_weight(weight * scales.reshape(_channel_shape(weight.dim(), 1, group.channels)),
+                                  *self.weight_range)
             error = torch.mean((consumer.target(x, w, *extra) - reference) ** 2)
             errors.append((error / reference.pow(2).mean().clamp(min=1e-30)).item())
         return errors

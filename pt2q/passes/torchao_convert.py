@@ -8,13 +8,18 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+from .torchao_prepare import forget_torchao_module_cache
+
 
 class TorchaoConvert:
     name = "convert_pt2e"
     report = None
 
     def call(self, graph_module: GraphModule) -> PassResult:
-        quantized = convert_pt2e(graph_module)
+        try:
+            quantized = convert_pt2e(graph_module)
+        finally:
+            forget_torchao_module_cache()
         drop_unused_tensors(quantized)
         return PassResult(quantized, True)
 

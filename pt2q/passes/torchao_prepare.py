@@ -6,6 +6,24 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
 
+# Unbounded `functools.cache`s keyed by module, in torchao 0.18 and torch 2.13: every module that
+# prepare/convert sees (and the user's parameters it shares) would stay alive for the life of the process.
+_MODULE_CACHES = (("torchao.utils", "_assert_and_get_unique_device"),
+                  ("torch.ao.quantization.fx.utils", "assert_and_get_unique_device"))
+
+
+def forget_torchao_module_cache() -> None:
+    """Empty the module-keyed caches above after each prepare/convert. They only save a walk over the
+    parameters to find their device, so emptying them changes nothing else. Pinned by
+    tests/passes/test_torchao_passes.py."""
+    import importlib
+
+    for module_name, function_name in _MODULE_CACHES:
+        function = getattr(importlib.import_module(module_name), function_name, None)
+        if hasattr(function, "cache_clear"):
+            function.cache_clear()
+
+
 class TorchaoPrepare:
     name = "prepare_pt2e"
 
@@ -14,6 +32,9 @@ class TorchaoPrepare:
         self.report = None
 
     def call(self, graph_module: GraphModule) -> PassResult:
-        prepared = prepare_pt2e(graph_module, self.quantizer)
+        try:
+            prepared = prepare_pt2e(graph_module, self.quantizer)
+        finally:
+            forget_torchao_module_cache()
         self.report = dict(getattr(self.quantizer, "annotated_nodes", {}))  # node -> rule
         return PassResult(prepared, True)

@@ -20,6 +20,7 @@ from torchao.quantization.pt2e.quantizer import (
 )
 
 from ..errors import ConfigError
+from ..isa import resolve_saturation_guard
 from ..graph import class_path, get_constant, is_float_tensor, module_stack
 from ..passes.manager import PassManager
 from ..passes.matmul_to_linear import MatmulToLinear
@@ -37,10 +38,12 @@ ACTIVATION_OBSERVERS = {
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """How one op is quantized: the activation spec (None: weight-only) and the weight spec."""
+    """How one op is quantized: the activation spec (None: weight-only), the weight spec, and the
+    saturation guard applied to their ranges ("off", "weights7" or "activations7"; see pt2q.isa)."""
 
     activation: QuantizationSpec | None
     weight: QuantizationSpec
+    saturation_guard: str = "off"
 
     @property
     def is_dynamic(self) -> bool:
@@ -52,25 +55,36 @@ class QuantScheme:
 
 
 def make_scheme(activation_dtype: torch.dtype, *, dynamic: bool = False, observer: str = "minmax",
-                per_channel: bool = True, weight_only: bool = False) -> QuantScheme:
+                per_channel: bool = True, weight_only: bool = False, saturation_guard: str = "off") -> QuantScheme:
     """Affine per-tensor activations of `activation_dtype` (none when `weight_only`); int8 symmetric
-    weights (per channel)."""
+    weights (per channel). `saturation_guard` (already resolved: "off", "weights7", "activations7") takes
+    one bit off the weights ([-64, 63]) or the activations (half their range), so that no u8 x s8 pair
+    sum leaves int16 in oneDNN's kernels on CPUs without VNNI."""
     if observer not in ACTIVATION_OBSERVERS:
         raise ConfigError(f"unknown activation observer {observer!r}; valid: {sorted(ACTIVATION_OBSERVERS)}")
+    if saturation_guard not in ("off", "weights7", "activations7"):
+        raise ConfigError(f"make_scheme: saturation_guard={saturation_guard!r}; valid: 'off', 'weights7', "
+                          "'activations7' (resolve 'auto' with pt2q.isa.resolve_saturation_guard)")
+    if weight_only:
+        saturation_guard = "off"  # fp32 activations: the GEMM is not an int8 one
     info = torch.iinfo(activation_dtype)
+    act_min, act_max = info.min, info.max
+    if saturation_guard == "activations7":  # torchao's reduce_range: [0, 127] for uint8, [-64, 63] for int8
+        act_min, act_max = (act_min // 2, act_max // 2) if act_min < 0 else (0, act_max // 2)
+    weight_min, weight_max = (-64, 63) if saturation_guard == "weights7" else (-128, 127)
     observer_ctr = PlaceholderObserver if dynamic else ACTIVATION_OBSERVERS[observer]
     activation = None if weight_only else QuantizationSpec(
-        dtype=activation_dtype, quant_min=info.min, quant_max=info.max, qscheme=torch.per_tensor_affine,
+        dtype=activation_dtype, quant_min=act_min, quant_max=act_max, qscheme=torch.per_tensor_affine,
         is_dynamic=dynamic, observer_or_fake_quant_ctr=observer_ctr.with_args(eps=_EPS))
     if per_channel:
         weight = QuantizationSpec(
-            dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric,
+            dtype=torch.int8, quant_min=weight_min, quant_max=weight_max, qscheme=torch.per_channel_symmetric,
             ch_axis=0, observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(eps=_EPS))
     else:
         weight = QuantizationSpec(
-            dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
+            dtype=torch.int8, quant_min=weight_min, quant_max=weight_max, qscheme=torch.per_tensor_symmetric,
             observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=_EPS))
-    return QuantScheme(activation, weight)
+    return QuantScheme(activation, weight, saturation_guard)
 
 
 _UNSET = object()
@@ -83,6 +97,9 @@ class RuleQuantizer(Quantizer):
     """
 
     activation_dtype: torch.dtype = torch.uint8
+    # Whether the quantized graph runs on this machine's CPU kernels (oneDNN): the "auto" saturation
+    # guard looks at this CPU only for such targets.
+    targets_this_cpu: bool = True
 
     def __init__(self, *, quantize_attention_matmul: bool = False):
         super().__init__()
@@ -94,12 +111,22 @@ class RuleQuantizer(Quantizer):
 
     # -- configuration -------------------------------------------------------------------------
     @classmethod
-    def static_scheme(cls, observer: str = "minmax", per_channel: bool = True) -> QuantScheme:
-        return make_scheme(cls.activation_dtype, observer=observer, per_channel=per_channel)
+    def static_scheme(cls, observer: str = "minmax", per_channel: bool = True,
+                      saturation_guard: str = "auto") -> QuantScheme:
+        """Calibrated activations. `saturation_guard`: "auto" (7-bit weights where this CPU's int8
+        kernels saturate, else off), "weights7", "activations7" or "off"; see pt2q.isa."""
+        return make_scheme(cls.activation_dtype, observer=observer, per_channel=per_channel,
+                           saturation_guard=cls.resolve_saturation_guard(saturation_guard))
 
     @classmethod
-    def dynamic_scheme(cls, per_channel: bool = True) -> QuantScheme:
-        return make_scheme(cls.activation_dtype, dynamic=True, per_channel=per_channel)
+    def dynamic_scheme(cls, per_channel: bool = True, saturation_guard: str = "auto") -> QuantScheme:
+        return make_scheme(cls.activation_dtype, dynamic=True, per_channel=per_channel,
+                           saturation_guard=cls.resolve_saturation_guard(saturation_guard))
+
+    @classmethod
+    def resolve_saturation_guard(cls, policy: str) -> str:
+        return resolve_saturation_guard(policy, targets_this_cpu=cls.targets_this_cpu,
+                                        where=f"{cls.__name__} saturation_guard")
 
     @classmethod
     def weight_only_scheme(cls, per_channel: bool = True) -> QuantScheme:

@@ -7,3 +7,4 @@ from .base import RuleQuantizer
 
 class XPUQuantizer(RuleQuantizer):
     activation_dtype = torch.int8
+    targets_this_cpu = False  # an Intel GPU's int8 dot products accumulate in int32: no CPU guard

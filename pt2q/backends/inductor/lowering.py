@@ -29,6 +29,8 @@ from torch.utils import _pytree as pytree
 
 from ...capture import normalize_inputs
 from ...graph import VIEW_OPS, is_float_tensor
+from ...isa import detect
+from .saturation import warn_if_saturating
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,10 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
     if mixed_bf16 is None:
         mixed_bf16 = bool(getattr(qmodel.meta.get("pt2q_config"), "mixed_bf16", False)) \
             if isinstance(qmodel, GraphModule) else False
+    if mixed_bf16 and not detect().native_bf16:
+        warnings.warn("mixed_bf16=True on a CPU without native bf16 (no AVX512-BF16 or AMX-BF16): bf16 ops "
+                      "are emulated and usually slower than fp32 here", UserWarning, stacklevel=2)
+    warn_if_saturating(qmodel, "pt2q.backends.inductor.compile")
     options = {"freezing": True, "max_autotune": max_autotune}
     target = _with_autocast(qmodel, torch.bfloat16) if mixed_bf16 else qmodel
     compiled = torch.compile(target, dynamic=dynamic)
@@ -169,6 +175,7 @@ def compile_graph(qmodel: GraphModule, flat_inputs: tuple, *, guard_inputs: bool
     a Dynamo compile (the `pt2q` torch.compile backend). Takes and returns flat tuples."""
     from torch._inductor.compile_fx import compile_fx
 
+    warn_if_saturating(qmodel, "pt2q.backends.inductor.compile_graph")
     flat = GraphModule(qmodel, copy.deepcopy(qmodel.graph))
     flat.graph._codegen = torch.fx.graph.CodeGen()  # positional tensors in, tuple out (what Dynamo uses)
     flat.recompile()
