@@ -47,6 +47,7 @@ _FEATURES = {
 
 INT16_MAX = 2 ** 15 - 1
 SATURATION_GUARDS = ("auto", "weights7", "activations7", "off")
+RESOLVED_GUARDS = ("off", "weights7", "activations7", "per_op")
 
 
 @dataclass(frozen=True)
@@ -146,18 +147,20 @@ def pair_sum_saturates(activation_span: int, weight_magnitude: int) -> bool:
 
 def resolve_saturation_guard(policy: str, *, targets_this_cpu: bool, where: str = "saturation_guard") -> str:
     """The guard to apply for `policy`: "weights7" (int8 weights in [-64, 63]), "activations7"
-    (activations on 7 bits, torchao's reduce_range) or "off".
+    (activations on 7 bits, torchao's reduce_range), "off", or "per_op" (each rule of the pattern table
+    takes the guard it measured best with: see `Rule.saturation_guard` in pt2q/quantizers/rules.py).
 
-    "auto" is "weights7" where this CPU's int8 kernels saturate and "off" elsewhere, or for a target
-    that is not this CPU (XPU). Measured on real all-MiniLM-L6-v2 (eager Q/DQ mean cosine vs fp32):
-    full range 0.99323, 7-bit weights 0.99220, 7-bit activations 0.97906: per-channel weights lose far
-    less from one bit than a per-tensor activation range does.
+    "auto" is "per_op" where this CPU's int8 kernels saturate, and "off" elsewhere or for a target that
+    is not this CPU (XPU). Measured (eager Q/DQ vs fp32): real all-MiniLM-L6-v2 mean cosine full range
+    0.99323, 7-bit weights 0.99220, 7-bit activations 0.97906, so linear layers take 7-bit weights; the
+    zoo's ResNet (convs only) relative error 0.016 full range, 0.033 7-bit weights, 0.024 7-bit
+    activations, so convs take 7-bit activations.
     """
     if policy not in SATURATION_GUARDS:
         raise ConfigError(f"{where}={policy!r} is not a saturation guard; valid: {', '.join(SATURATION_GUARDS)}")
     if policy != "auto":
         return policy
-    return "weights7" if targets_this_cpu and detect().int8_saturates else "off"
+    return "per_op" if targets_this_cpu and detect().int8_saturates else "off"
 
 
 def onednn_version() -> str | None:

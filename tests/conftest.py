@@ -13,6 +13,18 @@ import pt2q  # noqa: E402,F401 - registers the quantized_decomposed ops
 
 from tests.models import build  # noqa: E402
 
+# The ISA as oneDNN sees it for this whole process (it reads ONEDNN_MAX_CPU_ISA once, at first use):
+# tests that monkeypatch the environment change pt2q's decisions, never the kernels that really run.
+PROCESS_ISA = pt2q.isa.detect()
+
+requires_saturating_int8 = pytest.mark.skipif(
+    not PROCESS_ISA.int8_saturates,
+    reason=f"needs int8 kernels that saturate (no VNNI/AMX); this process uses {PROCESS_ISA.int8_dot_product} "
+           "(run `make test-avx2` to emulate an AVX2-only CPU)")
+requires_non_saturating_int8 = pytest.mark.skipif(
+    PROCESS_ISA.int8_saturates,
+    reason="needs VNNI or AMX int8 kernels; this process's int8 kernels saturate (vpmaddubsw)")
+
 
 @pytest.fixture(scope="session")
 def zoo():

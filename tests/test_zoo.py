@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pt2q
-from tests.conftest import ModelSnapshot, call, fp32_weighted_layers, rel_error
+from tests.conftest import PROCESS_ISA, ModelSnapshot, call, fp32_weighted_layers, rel_error
 from tests.models import ZOO_NAMES, build
 
 REL_ERROR_BOUND = 0.03
@@ -13,6 +13,10 @@ REL_ERROR_BOUND = 0.03
 # 0.0316 with minmax. torchao's own X86InductorQuantizer measures the same ~0.030 on this tiny random
 # model, so the looser bound reflects the model, not a pt2q shortfall.
 RESNET_SPATIAL_BOUND = 0.035
+if PROCESS_ISA.int8_saturates:
+    # Where int8 kernels saturate, the saturation guard takes one bit off each conv (7-bit activations):
+    # the feature map measures 0.048 (histogram) / 0.047 (minmax); 7-bit weights would give 0.051 / 0.049.
+    RESNET_SPATIAL_BOUND = 0.05
 
 
 def _quantize(zm, config):

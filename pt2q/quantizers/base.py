@@ -20,7 +20,7 @@ from torchao.quantization.pt2e.quantizer import (
 )
 
 from ..errors import ConfigError
-from ..isa import resolve_saturation_guard
+from ..isa import RESOLVED_GUARDS, resolve_saturation_guard
 from ..graph import class_path, get_constant, is_float_tensor, module_stack
 from ..passes.manager import PassManager
 from ..passes.matmul_to_linear import MatmulToLinear
@@ -39,11 +39,23 @@ ACTIVATION_OBSERVERS = {
 @dataclass(frozen=True)
 class QuantScheme:
     """How one op is quantized: the activation spec (None: weight-only), the weight spec, and the
-    saturation guard applied to their ranges ("off", "weights7" or "activations7"; see pt2q.isa)."""
+    saturation guard on their ranges: "off", "weights7" or "activations7" (already in the specs), or
+    "per_op" (full-range specs here; `for_rule` narrows them with the rule's own guard). See pt2q.isa."""
 
     activation: QuantizationSpec | None
     weight: QuantizationSpec
     saturation_guard: str = "off"
+
+    def for_rule(self, rule) -> "QuantScheme":
+        """The scheme an op of `rule` gets: with "per_op", the rule's guard applied to the ranges. A GEMM
+        of two activations has no weight to narrow, so "weights7" becomes 7-bit activations there."""
+        guard = rule.saturation_guard if self.saturation_guard == "per_op" else self.saturation_guard
+        if guard == "weights7" and rule.weight_arg is None:
+            guard = "activations7"
+        if guard == self.saturation_guard or self.activation is None:
+            return self
+        activation, weight = _guarded_specs(self.activation, self.weight, guard)
+        return QuantScheme(activation, weight, guard)
 
     @property
     def is_dynamic(self) -> bool:
@@ -59,32 +71,43 @@ def make_scheme(activation_dtype: torch.dtype, *, dynamic: bool = False, observe
     """Affine per-tensor activations of `activation_dtype` (none when `weight_only`); int8 symmetric
     weights (per channel). `saturation_guard` (already resolved: "off", "weights7", "activations7") takes
     one bit off the weights ([-64, 63]) or the activations (half their range), so that no u8 x s8 pair
-    sum leaves int16 in oneDNN's kernels on CPUs without VNNI."""
+    sum leaves int16 in oneDNN's kernels on CPUs without VNNI; "per_op" leaves that to each rule
+    (`QuantScheme.for_rule`)."""
     if observer not in ACTIVATION_OBSERVERS:
         raise ConfigError(f"unknown activation observer {observer!r}; valid: {sorted(ACTIVATION_OBSERVERS)}")
-    if saturation_guard not in ("off", "weights7", "activations7"):
-        raise ConfigError(f"make_scheme: saturation_guard={saturation_guard!r}; valid: 'off', 'weights7', "
-                          "'activations7' (resolve 'auto' with pt2q.isa.resolve_saturation_guard)")
+    if saturation_guard not in RESOLVED_GUARDS:
+        raise ConfigError(f"make_scheme: saturation_guard={saturation_guard!r}; valid: "
+                          f"{', '.join(map(repr, RESOLVED_GUARDS))} (resolve 'auto' with "
+                          "pt2q.isa.resolve_saturation_guard)")
     if weight_only:
         saturation_guard = "off"  # fp32 activations: the GEMM is not an int8 one
     info = torch.iinfo(activation_dtype)
-    act_min, act_max = info.min, info.max
-    if saturation_guard == "activations7":  # torchao's reduce_range: [0, 127] for uint8, [-64, 63] for int8
-        act_min, act_max = (act_min // 2, act_max // 2) if act_min < 0 else (0, act_max // 2)
-    weight_min, weight_max = (-64, 63) if saturation_guard == "weights7" else (-128, 127)
     observer_ctr = PlaceholderObserver if dynamic else ACTIVATION_OBSERVERS[observer]
     activation = None if weight_only else QuantizationSpec(
-        dtype=activation_dtype, quant_min=act_min, quant_max=act_max, qscheme=torch.per_tensor_affine,
+        dtype=activation_dtype, quant_min=info.min, quant_max=info.max, qscheme=torch.per_tensor_affine,
         is_dynamic=dynamic, observer_or_fake_quant_ctr=observer_ctr.with_args(eps=_EPS))
     if per_channel:
         weight = QuantizationSpec(
-            dtype=torch.int8, quant_min=weight_min, quant_max=weight_max, qscheme=torch.per_channel_symmetric,
+            dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric,
             ch_axis=0, observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(eps=_EPS))
     else:
         weight = QuantizationSpec(
-            dtype=torch.int8, quant_min=weight_min, quant_max=weight_max, qscheme=torch.per_tensor_symmetric,
+            dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
             observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=_EPS))
+    if saturation_guard in ("weights7", "activations7"):
+        activation, weight = _guarded_specs(activation, weight, saturation_guard)
     return QuantScheme(activation, weight, saturation_guard)
+
+
+def _guarded_specs(activation: QuantizationSpec | None, weight: QuantizationSpec, guard: str):
+    """One bit off the weights ([-64, 63]) or off the activations (torchao's reduce_range: [0, 127] for
+    uint8, [-64, 63] for int8), so that no u8 x s8 pair sum leaves int16."""
+    if guard == "weights7":
+        return activation, replace(weight, quant_min=-64, quant_max=63)
+    if guard == "activations7" and activation is not None:
+        low, high = activation.quant_min, activation.quant_max
+        return replace(activation, quant_min=low // 2 if low < 0 else 0, quant_max=high // 2), weight
+    return activation, weight
 
 
 _UNSET = object()
@@ -108,13 +131,14 @@ class RuleQuantizer(Quantizer):
         self.op_type_rules: list[tuple[object, QuantScheme | None]] = []
         self.options = {"quantize_attention_matmul": quantize_attention_matmul}
         self.annotated_nodes: dict[str, str] = {}  # node name -> rule name, after annotate()
+        self.applied_guards: dict[str, str] = {}  # node name -> saturation guard of its int8 GEMM
 
     # -- configuration -------------------------------------------------------------------------
     @classmethod
     def static_scheme(cls, observer: str = "minmax", per_channel: bool = True,
                       saturation_guard: str = "auto") -> QuantScheme:
-        """Calibrated activations. `saturation_guard`: "auto" (7-bit weights where this CPU's int8
-        kernels saturate, else off), "weights7", "activations7" or "off"; see pt2q.isa."""
+        """Calibrated activations. `saturation_guard`: "auto" (where this CPU's int8 kernels saturate,
+        each rule's measured best 7-bit side; else off), "weights7", "activations7" or "off"; see pt2q.isa."""
         return make_scheme(cls.activation_dtype, observer=observer, per_channel=per_channel,
                            saturation_guard=cls.resolve_saturation_guard(saturation_guard))
 
@@ -188,7 +212,7 @@ class RuleQuantizer(Quantizer):
         return model
 
     def annotate(self, model: GraphModule) -> GraphModule:
-        self.annotated_nodes = {}
+        self.annotated_nodes, self.applied_guards = {}, {}
         nodes = list(model.graph.nodes)
         for node in nodes:
             rule = RULE_BY_OP.get(node.target) if node.op == "call_function" else None
@@ -198,7 +222,7 @@ class RuleQuantizer(Quantizer):
                 continue
             scheme = self.scheme_for(node)
             if scheme is not None:
-                self._annotate_compute(model, node, rule, scheme)
+                self._annotate_compute(model, node, rule, scheme.for_rule(rule))
         for node in nodes:
             rule = RULE_BY_OP.get(node.target) if node.op == "call_function" else None
             if rule is not None and rule.role is Role.RESIDUAL:
@@ -237,6 +261,8 @@ class RuleQuantizer(Quantizer):
         node.meta[ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=input_map, _annotated=True)
         node.meta["pt2q_scheme"] = scheme
         self.annotated_nodes[node.name] = rule.name
+        if not scheme.weight_only:
+            self.applied_guards[node.name] = scheme.saturation_guard
 
     def _annotate_residual(self, node: Node, rule) -> None:
         if ANNOTATION_KEY in node.meta or len(node.args) != 2:

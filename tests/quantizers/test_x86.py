@@ -66,7 +66,8 @@ def test_activations_are_uint8_full_range(zoo):
 
 def test_weights_int8_per_channel_symmetric(zoo):
     zm = zoo("mlp")
-    converted = torchao_flow(zm.model, zm.args, zm.kwargs, X86Quantizer().set_global(X86Quantizer.static_scheme()))
+    full_range = X86Quantizer.static_scheme(saturation_guard="off")  # "auto" narrows them where int8 saturates
+    converted = torchao_flow(zm.model, zm.args, zm.kwargs, X86Quantizer().set_global(full_range))
     linears = nodes_of(converted, aten.linear.default)
     for linear, layer in zip(linears, [zm.model[0], zm.model[2], zm.model[4]]):
         dequant = linear.args[1]
@@ -86,7 +87,7 @@ def test_weights_int8_per_channel_symmetric(zoo):
 
 def test_per_tensor_weights():
     model = nn.Sequential(nn.Linear(8, 8)).eval()
-    quantizer = X86Quantizer().set_global(X86Quantizer.static_scheme(per_channel=False))
+    quantizer = X86Quantizer().set_global(X86Quantizer.static_scheme(per_channel=False, saturation_guard="off"))
     converted = torchao_flow(model, (torch.randn(2, 8),), {}, quantizer)
     assert count_of(converted, DQ_PER_CHANNEL) == 0
     weight_dq = nodes_of(converted, aten.linear.default)[0].args[1]
