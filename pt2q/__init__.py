@@ -4,7 +4,7 @@ import logging as _logging
 # torchao logs a line per optional CUDA extension it cannot load on a CPU build: noise for our users.
 _logging.getLogger("torchao").setLevel(_logging.ERROR)
 
-from . import isa  # noqa: E402 - pt2q.isa.detect(): what this CPU's int8/bf16 kernels can do
+from . import isa  # noqa: E402,F401 - pt2q.isa.detect(): what this CPU's int8/bf16 kernels can do
 from .api import calibrate, convert, count_quantized_layers, load, prepare, quantize, save  # noqa: E402
 from .capture import capture  # noqa: E402
 from .config import DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig  # noqa: E402

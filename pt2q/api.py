@@ -82,20 +82,18 @@ def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, 
 
 def _int8_numerics(config: Config, quantizer) -> dict:
     """What the saturation guard resolved to on which ISA, the guard each quantized op got (counted),
-    and the integer ranges of the global scheme's linear layers (SmoothQuant's error estimates use them)."""
-    from .quantizers import RULES
-
+    and the integer ranges of the global scheme (SmoothQuant's error estimates use them)."""
     schemes = [quantizer.global_scheme, *(s for _, s in quantizer.module_name_rules),
                *(s for _, s in quantizer.op_type_rules)]
     numerics = {"saturation_guard": getattr(config, "saturation_guard", "off"),
                 "resolved": sorted({s.saturation_guard for s in schemes if s is not None}),
                 "applied": dict(collections.Counter(quantizer.applied_guards.values())),
                 "built_on": detect_isa().describe()}
-    if quantizer.global_scheme is not None:
-        linear = quantizer.global_scheme.for_rule(next(rule for rule in RULES if rule.name == "linear"))
-        if linear.activation is not None:
-            numerics["activation_range"] = [linear.activation.quant_min, linear.activation.quant_max]
-        numerics["weight_range"] = [linear.weight.quant_min, linear.weight.quant_max]
+    scheme = quantizer.global_scheme
+    if scheme is not None:
+        if scheme.activation is not None:
+            numerics["activation_range"] = [scheme.activation.quant_min, scheme.activation.quant_max]
+        numerics["weight_range"] = [scheme.weight.quant_min, scheme.weight.quant_max]
     return numerics
 
 

@@ -89,7 +89,8 @@ class StaticQuantConfig(_Config):
     smooth_quant: a `pt2q.SmoothQuantConfig` to smooth activation outliers (same calibration pass).
     saturation_guard: "auto" (default: on CPUs whose int8 kernels saturate, i.e. without VNNI/AMX,
         int8 weights in [-64, 63]; nothing elsewhere), "weights7", "activations7" (torchao's 7-bit
-        activations) or "off". See `pt2q.isa`.
+        activations; under Inductor it holds only for inputs inside the calibrated range) or "off".
+        See `pt2q.isa`.
     """
 
     backend: str = "x86"

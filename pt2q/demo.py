@@ -20,6 +20,7 @@ from .api import quantize
 from .backends import inductor
 from .capture import capture
 from .config import StaticQuantConfig
+from .isa import machine_info
 
 
 @dataclass
@@ -98,7 +99,9 @@ def interleaved_latencies(runners: dict[str, Callable], batch: dict, rounds: int
 
 
 def emit_json(results: dict, path: str | None) -> None:
-    """Print `results` as JSON, and write them to `path` when given (the benchmark tools' output)."""
+    """Print `results` as JSON, and write them to `path` when given (the benchmark tools' output). The
+    machine (ISA, cores, versions) is recorded first: figures from different CPUs are not comparable."""
+    results = {"machine": machine_info(), **results}
     text = json.dumps(results, indent=2)
     if path:
         Path(path).write_text(text + "\n")
@@ -134,7 +137,7 @@ class DemoReport:
     num_eval_sentences: int
     quantized_layers: int
     int8_kernels: dict = field(default_factory=dict)
-    versions: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
 
 
 def run_demo(settings: DemoSettings | None = None, log: Callable[[str], None] = print) -> DemoReport:
@@ -163,7 +166,6 @@ def run_demo(settings: DemoSettings | None = None, log: Callable[[str], None] = 
     latency_fp32 = median_latency(fp32_compiled, example, settings.latency_runs)
     latency_int8 = median_latency(int8_compiled, example, settings.latency_runs)
     cosines = embedding_cosines(model, int8_compiled, evaluation)
-    import torchao
     return DemoReport(
         settings=asdict(settings), quantize_seconds=quantize_seconds, compile_fp32_seconds=compile_fp32,
         compile_int8_seconds=compile_int8, latency_fp32_eager_seconds=latency_eager,
@@ -171,8 +173,7 @@ def run_demo(settings: DemoSettings | None = None, log: Callable[[str], None] = 
         speedup_int8_vs_fp32_inductor=latency_fp32 / latency_int8, mean_cosine=cosines.mean().item(),
         min_cosine=cosines.min().item(), num_eval_sentences=cosines.numel(),
         quantized_layers=count_quantized_layers(qmodel), int8_kernels=int8_compiled.int8_kernels,
-        versions={"torch": torch.__version__, "torchao": torchao.__version__,
-                  "threads": torch.get_num_threads()})
+        machine=machine_info())
 
 
 def format_report(report: DemoReport) -> str:
@@ -191,8 +192,10 @@ def format_report(report: DemoReport) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     settings = report.settings
+    machine = report.machine
     lines = [f"pt2q demo: all-MiniLM-L6-v2, batch {settings['batch_size']}x{settings['seq_len']}, "
-             f"{report.versions.get('threads')} threads"]
+             f"{machine.get('threads')} threads",
+             f"  {machine.get('isa_line')}"]
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)
 

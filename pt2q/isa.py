@@ -46,8 +46,15 @@ _FEATURES = {
 }
 
 INT16_MAX = 2 ** 15 - 1
+# guard -> (activation span, weight magnitude) as oneDNN multiplies them: activations on span + 1 levels,
+# weights in [-magnitude, magnitude - 1]. Every guard but "off" keeps 2 * span * magnitude <= 32767.
+GUARD_BOUNDS = {
+    "off": (255, 128),
+    "weights7": (255, 64),       # 2 * 255 * 64 = 32640
+    "activations7": (127, 128),  # 2 * 127 * 128 = 32512 (torchao's reduce_range)
+}
 SATURATION_GUARDS = ("auto", "weights7", "activations7", "off")
-RESOLVED_GUARDS = ("off", "weights7", "activations7", "per_op")
+RESOLVED_GUARDS = tuple(GUARD_BOUNDS)
 
 
 @dataclass(frozen=True)
@@ -146,21 +153,21 @@ def pair_sum_saturates(activation_span: int, weight_magnitude: int) -> bool:
 
 
 def resolve_saturation_guard(policy: str, *, targets_this_cpu: bool, where: str = "saturation_guard") -> str:
-    """The guard to apply for `policy`: "weights7" (int8 weights in [-64, 63]), "activations7"
-    (activations on 7 bits, torchao's reduce_range), "off", or "per_op" (each rule of the pattern table
-    takes the guard it measured best with: see `Rule.saturation_guard` in pt2q/quantizers/rules.py).
+    """The guard of GUARD_BOUNDS to apply for `policy`. "auto" is "weights7" where this CPU's int8
+    kernels saturate, and "off" elsewhere or for a target that is not this CPU (XPU).
 
-    "auto" is "per_op" where this CPU's int8 kernels saturate, and "off" elsewhere or for a target that
-    is not this CPU (XPU). Measured (eager Q/DQ vs fp32): real all-MiniLM-L6-v2 mean cosine full range
-    0.99323, 7-bit weights 0.99220, 7-bit activations 0.97906, so linear layers take 7-bit weights; the
-    zoo's ResNet (convs only) relative error 0.016 full range, 0.033 7-bit weights, 0.024 7-bit
-    activations, so convs take 7-bit activations.
+    Why 7-bit weights: they cost least on real models (all-MiniLM-L6-v2, eager Q/DQ mean cosine vs fp32:
+    full range 0.99323, 7-bit weights 0.99244, 7-bit activations 0.98045; its activation outliers make
+    activation bits the costly ones), and they are the only guard Inductor cannot undo: its fused output
+    quantize (`qlinear`/`qconv` with an int8 output) clamps to the dtype's range and ignores quant_max,
+    so a narrowed activation range holds in the eager graph only (torch 2.13; see
+    pt2q/backends/inductor/saturation.py).
     """
     if policy not in SATURATION_GUARDS:
         raise ConfigError(f"{where}={policy!r} is not a saturation guard; valid: {', '.join(SATURATION_GUARDS)}")
     if policy != "auto":
         return policy
-    return "per_op" if targets_this_cpu and detect().int8_saturates else "off"
+    return "weights7" if targets_this_cpu and detect().int8_saturates else "off"
 
 
 def onednn_version() -> str | None:

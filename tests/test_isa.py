@@ -112,8 +112,13 @@ def test_pair_sum_bound(span, magnitude, saturates):
     assert isa.pair_sum_saturates(span, magnitude) is saturates
 
 
+def test_every_guard_but_off_keeps_pair_sums_in_int16():
+    for guard, (span, magnitude) in isa.GUARD_BOUNDS.items():
+        assert isa.pair_sum_saturates(span, magnitude) is (guard == "off"), guard
+
+
 @pytest.mark.parametrize("features, targets_this_cpu, expected", [
-    (EPYC_ROME, True, "per_op"),  # each rule's measured best 7-bit side
+    (EPYC_ROME, True, "weights7"),
     (SAPPHIRE_RAPIDS, True, "off"),
     (ALDER_LAKE, True, "off"),
     (EPYC_ROME, False, "off"),  # XPU graphs run on the GPU's int32-accumulating dot products

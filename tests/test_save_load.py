@@ -113,8 +113,8 @@ def test_saved_file_is_a_torch_export_archive(saved_mlp):
     assert numerics["saturation_guard"] == "auto"
     assert numerics["built_on"] == pt2q.isa.detect().describe()
     saturates = pt2q.isa.detect().int8_saturates
-    assert numerics["resolved"] == ["per_op" if saturates else "off"]
-    assert numerics["weight_range"] == ([-64, 63] if saturates else [-128, 127])  # linear layers' side
+    assert numerics["resolved"] == ["weights7" if saturates else "off"]
+    assert numerics["weight_range"] == ([-64, 63] if saturates else [-128, 127])
     assert torch.equal(exported.module()(*zm.args), call(qmodel, zm.args))
 
 

@@ -14,9 +14,12 @@ REL_ERROR_BOUND = 0.03
 # model, so the looser bound reflects the model, not a pt2q shortfall.
 RESNET_SPATIAL_BOUND = 0.035
 if PROCESS_ISA.int8_saturates:
-    # Where int8 kernels saturate, the saturation guard takes one bit off each conv (7-bit activations):
-    # the feature map measures 0.048 (histogram) / 0.047 (minmax); 7-bit weights would give 0.051 / 0.049.
-    RESNET_SPATIAL_BOUND = 0.05
+    # Where int8 kernels saturate, the saturation guard takes one bit off every weight (7-bit weights):
+    # the feature map measures 0.051 (histogram) / 0.049 (minmax), the pooled output 0.033 / 0.031.
+    RESNET_SPATIAL_BOUND = 0.055
+    RESNET_POOLED_BOUND = 0.035
+else:
+    RESNET_POOLED_BOUND = REL_ERROR_BOUND
 
 
 def _quantize(zm, config):
@@ -33,7 +36,8 @@ def _check(zm, qmodel):
     assert actual.shape == expected.shape
     assert torch.isfinite(actual).all()
     error = rel_error(actual, expected)
-    assert error <= REL_ERROR_BOUND, f"{zm.name}: relative error {error:.4f} > {REL_ERROR_BOUND}"
+    bound = RESNET_POOLED_BOUND if zm.name == "resnet" else REL_ERROR_BOUND
+    assert error <= bound, f"{zm.name}: relative error {error:.4f} > {bound}"
     assert error > 0, f"{zm.name}: output identical to fp32, nothing was quantized"
     assert pt2q.count_quantized_layers(qmodel) == zm.num_quantizable, \
         f"{zm.name}: fp32 layers left: {fp32_weighted_layers(qmodel)}"

@@ -13,7 +13,6 @@ is dump_over_plain <= 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 import pt2q  # noqa: E402
 from pt2q import demo  # noqa: E402
@@ -100,8 +98,7 @@ def main(argv=None) -> int:
         statistics.median(r["total_seconds"] for r in plains)
     results = {
         "settings": vars(args),
-        "versions": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "graphviz_dot": bool(__import__("shutil").which("dot"))},
+        "graphviz_dot": bool(__import__("shutil").which("dot")),
         "plain": {**best_plain, "total_seconds_all": [r["total_seconds"] for r in plains]},
         "dump": {**best_dump, "total_seconds_all": [r["total_seconds"] for r in dumps]},
         "rounds": [{"side": side, "total_seconds": round(r["total_seconds"], 2),
@@ -118,11 +115,7 @@ def main(argv=None) -> int:
         min(r["process_cpu_seconds"] for r in plains),
         "within_2x": ratio <= 2.0,
     }
-    text = json.dumps(results, indent=2) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        sys.stdout.write(text)
+    demo.emit_json(results, args.out)
     return 0
 
 

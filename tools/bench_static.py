@@ -25,8 +25,8 @@ from pt2q import demo, textdata  # noqa: E402
 from pt2q.backends import inductor  # noqa: E402
 
 
-def pt2q_quantize(model, calib):
-    return pt2q.quantize(model, pt2q.StaticQuantConfig(), calib, progress=False)
+def pt2q_quantize(model, calib, saturation_guard="auto"):
+    return pt2q.quantize(model, pt2q.StaticQuantConfig(saturation_guard=saturation_guard), calib, progress=False)
 
 
 def pt2q_compile(qmodel, example):
@@ -34,13 +34,15 @@ def pt2q_compile(qmodel, example):
     return compiled, {"int8_kernels": compiled.int8_kernels}
 
 
-def torchao_quantize(model, calib):
-    """torchao's documented PT2E recipe for X86 Inductor."""
+def torchao_quantize(model, calib, reduce_range=False):
+    """torchao's documented PT2E recipe for X86 Inductor (`reduce_range=True`: its advice for CPUs
+    without VNNI, 7-bit activations)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     exported = torch.export.export(model, (), calib[0]).module()
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    config = xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
+    quantizer = xiq.X86InductorQuantizer().set_global(config)
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for batch in calib:
@@ -59,7 +61,14 @@ def torchao_compile(qmodel, example):
     return run, {}
 
 
-CONTENDERS = {"pt2q": (pt2q_quantize, pt2q_compile), "torchao": (torchao_quantize, torchao_compile)}
+def contenders(int8_saturates: bool) -> dict:
+    """name -> (quantize, compile). Where int8 kernels saturate, both libraries' full-range results are
+    kept to show what the guards are for, beside their guarded ones."""
+    chosen = {"pt2q": (pt2q_quantize, pt2q_compile), "torchao": (torchao_quantize, torchao_compile)}
+    if int8_saturates:
+        chosen["pt2q_full_range"] = (lambda m, c: pt2q_quantize(m, c, saturation_guard="off"), pt2q_compile)
+        chosen["torchao_reduce_range"] = (lambda m, c: torchao_quantize(m, c, reduce_range=True), torchao_compile)
+    return chosen
 
 
 def main(argv=None) -> int:
@@ -80,16 +89,16 @@ def main(argv=None) -> int:
     evaluation = demo.encode_batches(tokenizer, eval_texts, args.batch_size, args.seq_len)
     example = evaluation[0]
 
-    results: dict = {"settings": vars(args), "versions": {"torch": torch.__version__,
-                                                          "threads": torch.get_num_threads()}}
+    results: dict = {"settings": vars(args)}  # emit_json adds the machine: ISA, cores, versions
+    chosen = contenders(pt2q.isa.detect().int8_saturates)
     fp32_compiled, fp32_compile = demo.timed_cold(inductor.compile, pt2q.capture(model, (), example), example)
     results["fp32_inductor"] = {"compile_seconds": fp32_compile}
     runners = {"fp32_eager": model, "fp32_inductor": fp32_compiled}
     # Quantize with each contender `--repeats` times, alternating, and keep the best time: both do the
     # same work, so single runs would mostly compare machine noise.
-    qmodels, quantize_times = {}, {name: [] for name in CONTENDERS}
+    qmodels, quantize_times = {}, {name: [] for name in chosen}
     for _ in range(args.repeats):
-        for name, (quantize_fn, _) in CONTENDERS.items():
+        for name, (quantize_fn, _) in chosen.items():
             if name in results:
                 continue  # crashed before
             try:
@@ -99,7 +108,7 @@ def main(argv=None) -> int:
                 results[name] = {"crashed": True, "stage": "quantize",
                                  "error": f"{type(error).__name__}: {error}"[:2000],
                                  "traceback_tail": traceback.format_exc().splitlines()[-12:]}
-    for name, (_, compile_fn) in CONTENDERS.items():
+    for name, (_, compile_fn) in chosen.items():
         if name in results:
             continue
         try:
@@ -118,14 +127,18 @@ def main(argv=None) -> int:
     for name, latency in demo.interleaved_latencies(runners, example, args.rounds, args.runs).items():
         results.setdefault(name, {})["latency_seconds"] = latency
     fp32_latency = results["fp32_inductor"]["latency_seconds"]
-    for name in ("pt2q", "torchao"):
+    for name in chosen:
         if "latency_seconds" in results.get(name, {}):
             results[name]["int8_over_fp32_latency"] = results[name]["latency_seconds"] / fp32_latency
             results[name]["speedup_vs_fp32_inductor"] = fp32_latency / results[name]["latency_seconds"]
-    if "latency_seconds" in results.get("torchao", {}):
+    # pt2q (auto guard) against torchao's recipe for this CPU: reduce_range where int8 saturates
+    peer = "torchao_reduce_range" if "torchao_reduce_range" in chosen else "torchao"
+    if "latency_seconds" in results.get(peer, {}) and "latency_seconds" in results.get("pt2q", {}):
         results["pt2q_vs_torchao"] = {
-            "latency_ratio": results["pt2q"]["latency_seconds"] / results["torchao"]["latency_seconds"],
-            "quantize_time_ratio": results["pt2q"]["quantize_seconds"] / results["torchao"]["quantize_seconds"],
+            "peer": peer,
+            "latency_ratio": results["pt2q"]["latency_seconds"] / results[peer]["latency_seconds"],
+            "quantize_time_ratio": results["pt2q"]["quantize_seconds"] / results[peer]["quantize_seconds"],
+            "mean_cosine_gain": results["pt2q"]["mean_cosine"] - results[peer]["mean_cosine"],
         }
     demo.emit_json(results, args.out)
     return 0

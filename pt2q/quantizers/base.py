@@ -20,7 +20,7 @@ from torchao.quantization.pt2e.quantizer import (
 )
 
 from ..errors import ConfigError
-from ..isa import RESOLVED_GUARDS, resolve_saturation_guard
+from ..isa import GUARD_BOUNDS, RESOLVED_GUARDS, resolve_saturation_guard
 from ..graph import class_path, get_constant, is_float_tensor, module_stack
 from ..passes.manager import PassManager
 from ..passes.matmul_to_linear import MatmulToLinear
@@ -39,23 +39,19 @@ ACTIVATION_OBSERVERS = {
 @dataclass(frozen=True)
 class QuantScheme:
     """How one op is quantized: the activation spec (None: weight-only), the weight spec, and the
-    saturation guard on their ranges: "off", "weights7" or "activations7" (already in the specs), or
-    "per_op" (full-range specs here; `for_rule` narrows them with the rule's own guard). See pt2q.isa."""
+    saturation guard already applied to their ranges (a key of pt2q.isa.GUARD_BOUNDS)."""
 
     activation: QuantizationSpec | None
     weight: QuantizationSpec
     saturation_guard: str = "off"
 
     def for_rule(self, rule) -> "QuantScheme":
-        """The scheme an op of `rule` gets: with "per_op", the rule's guard applied to the ranges. A GEMM
-        of two activations has no weight to narrow, so "weights7" becomes 7-bit activations there."""
-        guard = rule.saturation_guard if self.saturation_guard == "per_op" else self.saturation_guard
-        if guard == "weights7" and rule.weight_arg is None:
-            guard = "activations7"
-        if guard == self.saturation_guard or self.activation is None:
+        """The scheme an op of `rule` gets. A GEMM of two activations has no weight to narrow, so
+        "weights7" becomes 7-bit activations there."""
+        if self.saturation_guard != "weights7" or rule.weight_arg is not None or self.activation is None:
             return self
-        activation, weight = _guarded_specs(self.activation, self.weight, guard)
-        return QuantScheme(activation, weight, guard)
+        activation, weight = _guarded_specs(self.activation, self.weight, "activations7")
+        return QuantScheme(activation, weight, "activations7")
 
     @property
     def is_dynamic(self) -> bool:
@@ -69,10 +65,9 @@ class QuantScheme:
 def make_scheme(activation_dtype: torch.dtype, *, dynamic: bool = False, observer: str = "minmax",
                 per_channel: bool = True, weight_only: bool = False, saturation_guard: str = "off") -> QuantScheme:
     """Affine per-tensor activations of `activation_dtype` (none when `weight_only`); int8 symmetric
-    weights (per channel). `saturation_guard` (already resolved: "off", "weights7", "activations7") takes
-    one bit off the weights ([-64, 63]) or the activations (half their range), so that no u8 x s8 pair
-    sum leaves int16 in oneDNN's kernels on CPUs without VNNI; "per_op" leaves that to each rule
-    (`QuantScheme.for_rule`)."""
+    weights (per channel). `saturation_guard` (already resolved: a key of pt2q.isa.GUARD_BOUNDS) takes one
+    bit off the weights or the activations, so that no u8 x s8 pair sum leaves int16 in oneDNN's kernels
+    on CPUs without VNNI."""
     if observer not in ACTIVATION_OBSERVERS:
         raise ConfigError(f"unknown activation observer {observer!r}; valid: {sorted(ACTIVATION_OBSERVERS)}")
     if saturation_guard not in RESOLVED_GUARDS:
@@ -94,19 +89,20 @@ def make_scheme(activation_dtype: torch.dtype, *, dynamic: bool = False, observe
         weight = QuantizationSpec(
             dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
             observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=_EPS))
-    if saturation_guard in ("weights7", "activations7"):
-        activation, weight = _guarded_specs(activation, weight, saturation_guard)
+    activation, weight = _guarded_specs(activation, weight, saturation_guard)
     return QuantScheme(activation, weight, saturation_guard)
 
 
 def _guarded_specs(activation: QuantizationSpec | None, weight: QuantizationSpec, guard: str):
-    """One bit off the weights ([-64, 63]) or off the activations (torchao's reduce_range: [0, 127] for
-    uint8, [-64, 63] for int8), so that no u8 x s8 pair sum leaves int16."""
-    if guard == "weights7":
-        return activation, replace(weight, quant_min=-64, quant_max=63)
-    if guard == "activations7" and activation is not None:
-        low, high = activation.quant_min, activation.quant_max
-        return replace(activation, quant_min=low // 2 if low < 0 else 0, quant_max=high // 2), weight
+    """Narrow the specs to the guard's (activation span, weight magnitude) from pt2q.isa.GUARD_BOUNDS,
+    so that no u8 x s8 pair sum leaves int16: activations [0, span] for uint8 (centred on 0 for int8),
+    weights [-magnitude, magnitude - 1]. A side the guard leaves at full range is kept as it is."""
+    span, magnitude = GUARD_BOUNDS[guard]
+    if activation is not None and span < 255:
+        low = 0 if activation.quant_min >= 0 else -((span + 1) // 2)
+        activation = replace(activation, quant_min=low, quant_max=low + span)
+    if magnitude < 128:
+        weight = replace(weight, quant_min=-magnitude, quant_max=magnitude - 1)
     return activation, weight
 
 
@@ -137,8 +133,8 @@ class RuleQuantizer(Quantizer):
     @classmethod
     def static_scheme(cls, observer: str = "minmax", per_channel: bool = True,
                       saturation_guard: str = "auto") -> QuantScheme:
-        """Calibrated activations. `saturation_guard`: "auto" (where this CPU's int8 kernels saturate,
-        each rule's measured best 7-bit side; else off), "weights7", "activations7" or "off"; see pt2q.isa."""
+        """Calibrated activations. `saturation_guard`: "auto" (7-bit weights where this CPU's int8
+        kernels saturate, else off), "weights7", "activations7" or "off"; see pt2q.isa."""
         return make_scheme(cls.activation_dtype, observer=observer, per_channel=per_channel,
                            saturation_guard=cls.resolve_saturation_guard(saturation_guard))
 

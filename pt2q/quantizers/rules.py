@@ -36,9 +36,6 @@ class Rule:
     after: frozenset = frozenset()
     # Name of the quantizer option that turns the rule on; None = always on.
     opt_in: str | None = None
-    # Which side loses a bit where int8 kernels saturate (saturation_guard="auto" on a CPU without VNNI;
-    # see pt2q.isa): the one measured to cost less accuracy for this kind of op.
-    saturation_guard: str = "weights7"
 
 
 CONV_OPS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
@@ -46,12 +43,10 @@ CONV_OPS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.defa
 LINEAR_OPS = frozenset({aten.linear.default})
 
 RULES: tuple[Rule, ...] = (
-    # MiniLM mean cosine vs fp32: 7-bit weights 0.99220, 7-bit activations 0.97906.
     Rule("linear", LINEAR_OPS, Role.WEIGHTED, activation_args=(0,), weight_arg=1),
-    # Zoo ResNet (convs only), relative error vs fp32: 7-bit activations 0.024, 7-bit weights 0.033.
-    Rule("conv", CONV_OPS, Role.WEIGHTED, activation_args=(0,), weight_arg=1, saturation_guard="activations7"),
+    Rule("conv", CONV_OPS, Role.WEIGHTED, activation_args=(0,), weight_arg=1),
     Rule("attention_matmul", frozenset({aten.matmul.default, aten.bmm.default}), Role.ACTIVATIONS,
-         activation_args=(0, 1), opt_in="quantize_attention_matmul", saturation_guard="activations7"),
+         activation_args=(0, 1), opt_in="quantize_attention_matmul"),
     Rule("conv_residual_add", frozenset({aten.add.Tensor, aten.add_.Tensor}), Role.RESIDUAL, activation_args=(0, 1),
          after=CONV_OPS),
     Rule("pooling", frozenset({aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
