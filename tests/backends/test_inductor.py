@@ -2,12 +2,15 @@
 
 Compiles are slow on 2 cores, so each compiled model is built once per module and kept tiny.
 """
+import warnings
+
 import pytest
 import torch
 import torch._inductor.config as inductor_config
 
 import pt2q
 from pt2q.backends import inductor
+from tests.conftest import PROCESS_ISA
 from tests.models import build
 
 
@@ -87,7 +90,12 @@ def test_dynamic_and_mixed_bf16_compile_to_int8_kernels(block):
         expected = model(x)
     for config, tolerance in ((pt2q.DynamicQuantConfig(), 0.01), (pt2q.StaticQuantConfig(mixed_bf16=True), 0.02)):
         qmodel = pt2q.quantize(model, config, [(x,)], progress=False)
-        compiled = inductor.compile(qmodel, (x,))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = inductor.compile(qmodel, (x,))
+        emulated = [w for w in caught if "bf16 ops are emulated" in str(w.message)]
+        # the warning comes exactly where bf16 would be emulated: mixed bf16 on a CPU without native bf16
+        assert len(emulated) == (1 if config.mixed_bf16 and not PROCESS_ISA.native_bf16 else 0), caught
         assert compiled.options["mixed_bf16"] == config.mixed_bf16
         assert sum(compiled.int8_kernels.values()) == 2, (config, compiled.int8_kernels)
         assert relative_error(compiled(x), expected) < tolerance
