@@ -10,6 +10,7 @@ never modified; `prepare` works on a capture of it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import io
 import itertools
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from .capture import EXAMPLE_INPUTS_KEY, capture, normalize_inputs
 from .config import DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig
 from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
+from .graph import own_tensors
 from .isa import detect as detect_isa
 from .passes.manager import PassManager
 from .passes.torchao_convert import TorchaoConvert
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "pt2q_config"
 PREPARED_KEY = "pt2q_prepared"
 QUANTIZED_KEY = "pt2q_quantized"
+CONVERTED_KEY = "pt2q_converted"  # on a prepared model that convert() consumed
 SMOOTH_QUANT_PLAN_KEY = "pt2q_smooth_quant_plan"
 SMOOTH_QUANT_REPORT_KEY = "pt2q_smooth_quant_report"
 INT8_NUMERICS_KEY = "pt2q_int8_numerics"  # the saturation guard chosen and the ISA it was chosen for
@@ -66,6 +69,10 @@ def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, 
                               "keyword inputs) to capture the model")
         args, kwargs = normalize_inputs(example_inputs)
         graph_module = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+    # The capture shares the user's tensors; the quantized model must not (editing either would move
+    # the other, and a buffer the model updates in forward would be advanced by both).
+    own_tensors(graph_module)
+    _warn_unmatched_name_rules(config, graph_module)
     smooth_quant_plan = None
     if getattr(config, "smooth_quant", None) is not None:
         from .smooth_quant import insert as insert_smooth_quant
@@ -78,6 +85,24 @@ def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, 
     prepared.meta[CONFIG_KEY] = config
     prepared.meta[PREPARED_KEY] = True
     return prepared
+
+
+def _warn_unmatched_name_rules(config: Config, graph_module: GraphModule) -> None:
+    """A set_local regex that matches no module is almost always a typo: say so, with close names."""
+    import difflib
+    import re
+    import warnings
+
+    from .graph import module_stack
+
+    names = sorted({fqn for node in graph_module.graph.nodes for fqn, _ in module_stack(node) if fqn})
+    for target, _ in config.local_rules:
+        if isinstance(target, str) and not any(re.fullmatch(target, name) for name in names):
+            close = difflib.get_close_matches(target, names, n=3, cutoff=0.5)
+            hint = f"; close module names: {', '.join(close)}" if close else \
+                f"; module names look like: {', '.join(names[:5])}"
+            warnings.warn(f"set_local({target!r}) matches no module of this model (the regex must match a whole "
+                          f"name, as in named_modules()){hint}", UserWarning, stacklevel=3)
 
 
 def _int8_numerics(config: Config, quantizer) -> dict:
@@ -123,22 +148,76 @@ def _sized(data) -> int | None:
 def calibrate(prepared: GraphModule, calib_data: Iterable, *, progress: bool = True) -> int:
     """Run every batch of `calib_data` (tuples of positional inputs or dicts of keyword inputs) through
     the observed model. Returns the number of batches. Raises CalibrationError on bad data."""
+    _check_not_converted(prepared, "calibrate()")
     if not prepared.meta.get(PREPARED_KEY):
         raise NotPreparedError("calibrate() takes the model returned by pt2q.prepare()")
     return run_calibration(prepared, calib_data, progress=progress)
 
 
+def _check_batches_iterable(calib_data) -> None:
+    if isinstance(calib_data, torch.Tensor):
+        raise CalibrationError("calib_data is a single tensor, which would be iterated row by row; pass an "
+                               f"iterable of batches instead, e.g. [(x,)] for one batch of shape {tuple(calib_data.shape)}, "
+                               "or a DataLoader")
+    if isinstance(calib_data, (dict, str, bytes)):
+        raise CalibrationError(f"calib_data is a {type(calib_data).__name__}; pass an iterable of batches, "
+                               "e.g. [{'input_ids': ids}] for one batch of keyword inputs")
+
+
+@contextlib.contextmanager
+def _non_finite_observations_refused(graph_module: GraphModule, batch_index: list[int]):
+    """Every static observer checks what it sees: HistogramObserver would skip a batch holding Inf with
+    only a torchao warning, MinMaxObserver would record it and convert would fail later. Both now fail
+    here alike, naming the node and the batch."""
+    from .graph import module_fqn
+
+    described = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module" and node.args and isinstance(node.args[0], torch.fx.Node):
+            source = node.args[0]
+            consumers = sorted({module_fqn(user) for user in node.users if module_fqn(user)})
+            text = f"node {source.name!r}" + (f" (module {module_fqn(source)!r})" if module_fqn(source) else "")
+            described[node.target] = text + (f", the input of {', '.join(consumers)}," if consumers else "")
+
+    def hook_for(name: str):
+        def check(_module, inputs):
+            value = inputs[0] if inputs else None
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                bad = "NaN" if torch.isnan(value).any() else "Inf"
+                where = described.get(name, f"observer {name}")
+                raise CalibrationError(
+                    f"calibration batch {batch_index[0]}: the output of {where} contains {bad}; check the "
+                    "model's numerics on the calibration data, or keep that layer in fp32 with set_local(..., None)")
+        return check
+
+    handles = [observer.register_forward_pre_hook(hook_for(name)) for name, observer in _observers(graph_module).items()
+               if not getattr(observer, "is_dynamic", False)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_calibration(graph_module: GraphModule, calib_data: Iterable, *, progress: bool = True,
                     desc: str = "pt2q calibrate") -> int:
+    _check_batches_iterable(calib_data)
     count = 0
     batches = tqdm(calib_data, total=_sized(calib_data), desc=desc, unit="batch",
                    disable=not progress, leave=False)
-    with torch.no_grad():
+    batch_index = [0]
+    with torch.no_grad(), _non_finite_observations_refused(graph_module, batch_index):
         for index, batch in enumerate(batches):
-            args, kwargs = normalize_inputs(batch)
+            batch_index[0] = index
+            try:
+                args, kwargs = normalize_inputs(batch)
+            except TypeError as error:
+                raise CalibrationError(f"calibration batch {index}: {error}") from error
             _check_finite_inputs(args, kwargs, index)
             try:
                 graph_module(*args, **kwargs)
+            except CalibrationError:
+                raise
             except Exception as error:  # noqa: BLE001 - re-raised with the batch index and a hint
                 raise CalibrationError(
                     f"calibration batch {index} does not fit the captured graph: {error}\nhint: its shapes "
@@ -167,8 +246,17 @@ def _check_observers(prepared: GraphModule) -> None:
                                    "on the calibration data, or keep that layer in fp32 with set_local(..., None)")
 
 
+def _check_not_converted(model, caller: str) -> None:
+    if isinstance(model, GraphModule) and model.meta.get(CONVERTED_KEY):
+        raise NotPreparedError(f"{caller}: this prepared model was already converted by pt2q.convert(), which "
+                               "consumes it (torchao converts in place); use the model convert() returned, "
+                               "or call pt2q.prepare() again")
+
+
 def convert(prepared: GraphModule) -> GraphModule:
-    """Turn a calibrated observed model into a Q/DQ GraphModule (torchao's `convert_pt2e`)."""
+    """Turn a calibrated observed model into a Q/DQ GraphModule (torchao's `convert_pt2e`). This consumes
+    `prepared`: calibrating or converting it again raises NotPreparedError."""
+    _check_not_converted(prepared, "convert()")
     if not isinstance(prepared, GraphModule) or not (_observers(prepared) or prepared.meta.get(PREPARED_KEY)):
         raise NotPreparedError(
             f"convert() takes a model returned by pt2q.prepare() (or torchao prepare_pt2e) and calibrated; "
@@ -188,8 +276,11 @@ def convert(prepared: GraphModule) -> GraphModule:
     _check_observers(prepared)
     meta = dict(prepared.meta)
     quantized, _ = PassManager([TorchaoConvert()])(prepared)
+    prepared.meta.pop(PREPARED_KEY, None)
+    prepared.meta[CONVERTED_KEY] = True
     quantized.meta.update(meta)
     quantized.meta.pop(PREPARED_KEY, None)
+    quantized.meta.pop(CONVERTED_KEY, None)
     quantized.meta[QUANTIZED_KEY] = True
     return quantized
 
@@ -218,6 +309,7 @@ def split_calibration_data(config: Config, calib_data: Iterable | None, example_
     example) and the rest stays lazy. Configs that need no calibration still run the example once, so
     weight observers record the weights' ranges."""
     if calib_data is not None:
+        _check_batches_iterable(calib_data)
         iterator = iter(calib_data)
         first = next(iterator, None)
         if first is None:
@@ -257,67 +349,77 @@ def _saved_metadata(qmodel: GraphModule) -> dict:
             "int8_numerics": qmodel.meta.get(INT8_NUMERICS_KEY)}
 
 
+def _output_type_names(exported: torch.export.ExportedProgram) -> list[str]:
+    """Tree-spec type names of the model's input and output containers that come from Hugging Face
+    (`transformers.modeling_outputs.*`): a fresh process must register them before it can load."""
+    from torch.utils._pytree import SUPPORTED_SERIALIZED_TYPES
+
+    names = set()
+    for entry in exported.module_call_graph[:1]:
+        for spec in (entry.signature.in_spec, entry.signature.out_spec) if entry.signature else ():
+            stack = [spec]
+            while stack:
+                node = stack.pop()
+                registered = SUPPORTED_SERIALIZED_TYPES.get(node.type)
+                name = getattr(registered, "serialized_type_name", None)
+                if name and name.startswith("transformers."):
+                    names.add(name)
+                stack.extend(node.children())
+    return sorted(names)
+
+
 def save(qmodel: GraphModule, path: str | os.PathLike) -> None:
     """Save a quantized (or any pt2q-captured) model as a torch.export archive (`.pt2`)."""
     if EXAMPLE_INPUTS_KEY not in getattr(qmodel, "meta", {}):
         raise ConfigError("save() takes a model produced by pt2q (quantize/convert/capture)")
+    _check_not_converted(qmodel, "save()")
+    if qmodel.meta.get(PREPARED_KEY) or _observers(qmodel):
+        raise NotPreparedError("save() takes a converted model; this one still has observers: calibrate it and "
+                               "call pt2q.convert() first (an observed model cannot be exported)")
     args, kwargs = qmodel.meta[EXAMPLE_INPUTS_KEY]
     exported = torch.export.export(qmodel, args, kwargs, dynamic_shapes=qmodel.meta.get("pt2q_dynamic_shapes"))
-    torch.export.save(exported, path, extra_files={"pt2q.json": json.dumps(_saved_metadata(qmodel))})
+    metadata = {**_saved_metadata(qmodel), "output_types": _output_type_names(exported)}
+    torch.export.save(exported, path, extra_files={"pt2q.json": json.dumps(metadata)})
 
 
-def _check_archive_is_pickle_free(data: bytes, path) -> None:
-    """Refuse archives that would make torch.export.load run code: in torch 2.13 it unpickles with
-    `weights_only=False` tensor-subclass payloads (`use_pickle`), opaque constants, sample inputs that
-    fail the weights-only unpickler (a silent fallback) and the legacy format, and it dlopens AOTI
-    libraries. `save` writes none of these: weights are raw bytes, sample inputs plain tensors."""
-    from torch.export.pt2_archive import constants as pt2
-    from torch.export.pt2_archive._package import PT2ArchiveReader
+def _where(path) -> str:
+    return f"pt2q.load({os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'file'!r})"
 
-    def refuse(why: str):
-        raise Pt2qError(f"load({os.fspath(path) if isinstance(path, (str, os.PathLike)) else path!r}): {why}; "
-                        "refusing to load it (it could execute code). Only load files written by pt2q.save()")
+
+def _read_metadata(data: bytes, where: str) -> dict:
+    """pt2q's own metadata (extra/pt2q.json), read with zipfile and json only, before torch sees the file."""
+    import zipfile
 
     try:
-        reader = PT2ArchiveReader(io.BytesIO(data))
-        names = reader.get_file_names()
-    except Exception as error:  # noqa: BLE001
-        refuse(f"not a torch.export archive ({type(error).__name__}: {error})")
-    if pt2.ARCHIVE_VERSION_PATH not in names:
-        refuse("legacy (pre-PT2-archive) torch.export format")
-    for name in names:
-        if name.startswith(pt2.AOTINDUCTOR_DIR):
-            refuse(f"contains an AOTInductor library ({name})")
-        if name.startswith((pt2.WEIGHTS_DIR, pt2.CONSTANTS_DIR)) and name.endswith(".pt"):
-            refuse(f"contains pickled weights ({name})")
-        if name.startswith((pt2.WEIGHTS_DIR, pt2.CONSTANTS_DIR)) and name.endswith("_config.json"):
-            for fqn, meta in json.loads(reader.read_string(name)).get("config", {}).items():
-                if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
-                        (pt2.WEIGHT_FILENAME_PREFIX, pt2.TENSOR_CONSTANT_FILENAME_PREFIX)):
-                    refuse(f"{fqn!r} is stored as a pickled object ({name})")
-        if name.startswith(pt2.SAMPLE_INPUTS_DIR):
-            try:
-                torch.load(io.BytesIO(reader.read_bytes(name)), weights_only=True)
-            except Exception as error:  # noqa: BLE001
-                refuse(f"its sample inputs ({name}) are not plain tensors: {type(error).__name__}")
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/extra/pt2q.json")]
+            metadata = json.loads(archive.read(names[0])) if names else {}
+    except (zipfile.BadZipFile, ValueError, KeyError) as error:
+        raise Pt2qError(f"{where}: not a torch.export archive ({type(error).__name__}: {error})") from error
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("output_types", []), list):
+        raise Pt2qError(f"{where}: extra/pt2q.json is not pt2q's metadata")
+    return metadata
 
 
 def load(path: str | os.PathLike) -> GraphModule:
-    """Load a model saved by `save`. Uses torch.export's serialization; archives holding pickled objects
-    (which torch.export.load would unpickle without `weights_only`) are refused, so no pickled code runs."""
+    """Load a model saved by `save`. The archive is vetted first (pt2q.archive): anything torch.export.load
+    would run code from (pickles, expressions, guards, targets, unknown types) is refused with a Pt2qError."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers the quantized_decomposed ops
+
+    from .archive import vet
 
     if hasattr(path, "read"):
         data = path.read()
     else:
         with open(path, "rb") as file:
             data = file.read()
-    _check_archive_is_pickle_free(data, path)
+    where = _where(path)
+    metadata = _read_metadata(data, where)
+    vet(data, where, metadata.get("output_types", []))
     extra = {"pt2q.json": ""}
     # Load the bytes that were checked (not the path again, which could have changed meanwhile).
     exported = torch.export.load(io.BytesIO(data), extra_files=extra)
     graph_module = exported.module()
-    metadata = json.loads(extra["pt2q.json"] or "{}")
     graph_module.meta[QUANTIZED_KEY] = True
     graph_module.meta["pt2q_saved_metadata"] = metadata
     if metadata.get("backend"):
@@ -329,7 +431,6 @@ def load(path: str | os.PathLike) -> GraphModule:
         graph_module.meta[INT8_NUMERICS_KEY] = numerics
     from .backends.inductor.saturation import warn_if_saturating
 
-    where = f"pt2q.load({os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'file'!r})"
     warn_if_saturating(graph_module, where, built_on=(numerics or {}).get("built_on"))
     return graph_module
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,15 @@ from .quantizers import QUANTIZERS
 from .quantizers.base import ACTIVATION_OBSERVERS, QuantScheme, RuleQuantizer
 
 BACKENDS = tuple(QUANTIZERS)
+
+# Every string field and its valid values, and the boolean fields: what `validate` checks.
+_CHOICES = {
+    "backend": BACKENDS,
+    "activation_observer": tuple(sorted(ACTIVATION_OBSERVERS)),
+    "weight_granularity": ("per_channel", "per_tensor"),
+    "saturation_guard": SATURATION_GUARDS,
+}
+_FLAGS = ("mixed_bf16", "quantize_attention_matmul")
 
 
 def _reject_unknown_fields(cls, kwargs: dict) -> None:
@@ -35,16 +45,29 @@ class _Config:
     """Shared behaviour: `set_local` and conversion to a quantizer. Subclasses define
     `scheme(quantizer_cls) -> QuantScheme`."""
 
-    def _validate_common(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"{type(self).__name__}.backend={self.backend!r} is unknown; valid: {BACKENDS}")
-        if self.weight_granularity not in ("per_channel", "per_tensor"):
-            raise ConfigError(f"{type(self).__name__}.weight_granularity={self.weight_granularity!r}; valid: "
-                              "'per_channel', 'per_tensor'")
-        guard = getattr(self, "saturation_guard", "off")
-        if guard not in SATURATION_GUARDS:
-            raise ConfigError(f"{type(self).__name__}.saturation_guard={guard!r}; valid: "
-                              f"{', '.join(map(repr, SATURATION_GUARDS))}")
+    def validate(self) -> None:
+        """Check every field by type and value (at construction, and again when the config is used, since
+        fields can be assigned later). Raises ConfigError naming the field and the valid values."""
+        name = type(self).__name__
+        for field_name, choices in _CHOICES.items():
+            if not hasattr(self, field_name):
+                continue
+            value = getattr(self, field_name)
+            if not isinstance(value, str) or value not in choices:
+                raise ConfigError(f"{name}.{field_name}={value!r} is not valid; valid: "
+                                  f"{', '.join(map(repr, choices))}")
+        for field_name in _FLAGS:
+            value = getattr(self, field_name, False)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}.{field_name} must be True or False, got {value!r} "
+                                  f"({type(value).__name__})")
+        if hasattr(self, "smooth_quant") and self.smooth_quant is not None:
+            from .smooth_quant import SmoothQuantConfig
+
+            if not isinstance(self.smooth_quant, SmoothQuantConfig):
+                raise ConfigError(f"{name}.smooth_quant must be a pt2q.SmoothQuantConfig or None, "
+                                  f"got {type(self.smooth_quant).__name__}")
+            self.smooth_quant.validate()
 
     def set_local(self, target: Any, config: "StaticQuantConfig | DynamicQuantConfig | None"):
         """Override the config for a module-name regex, an nn.Module class or an ATen op. Returns self."""
@@ -53,6 +76,11 @@ class _Config:
                               f"got {target!r}")
         if isinstance(target, type) and not issubclass(target, torch.nn.Module):
             raise ConfigError(f"set_local target class {target.__name__} is not an nn.Module subclass")
+        if isinstance(target, str):
+            try:
+                re.compile(target)
+            except re.error as error:
+                raise ConfigError(f"set_local({target!r}): not a valid regex: {error}") from error
         if config is not None:
             if not isinstance(config, _Config):
                 raise ConfigError(f"set_local config must be a StaticQuantConfig, DynamicQuantConfig or None; "
@@ -64,6 +92,13 @@ class _Config:
         return self
 
     def to_quantizer(self) -> RuleQuantizer:
+        self.validate()
+        for target, config in self.local_rules:
+            if config is not None:
+                config.validate()
+                if config.backend != self.backend:
+                    raise ConfigError(f"set_local({target!r}): backend {config.backend!r} differs from the global "
+                                      f"backend {self.backend!r}")
         quantizer_cls = QUANTIZERS[self.backend]
         quantizer = quantizer_cls(quantize_attention_matmul=self.quantize_attention_matmul)
         quantizer.set_global(self.scheme(quantizer_cls))
@@ -103,15 +138,7 @@ class StaticQuantConfig(_Config):
     local_rules: list = field(default_factory=list, repr=False, init=False)  # filled by set_local()
 
     def __post_init__(self):
-        self._validate_common()
-        from .smooth_quant import SmoothQuantConfig
-
-        if self.smooth_quant is not None and not isinstance(self.smooth_quant, SmoothQuantConfig):
-            raise ConfigError(f"StaticQuantConfig.smooth_quant must be a pt2q.SmoothQuantConfig or None, "
-                              f"got {type(self.smooth_quant).__name__}")
-        if self.activation_observer not in ACTIVATION_OBSERVERS:
-            raise ConfigError(f"StaticQuantConfig.activation_observer={self.activation_observer!r}; valid: "
-                              f"{sorted(ACTIVATION_OBSERVERS)}")
+        self.validate()
 
     is_dynamic = False
     needs_calibration = True
@@ -133,7 +160,7 @@ class _UncalibratedConfig(_Config):
     local_rules: list = field(default_factory=list, repr=False, init=False)  # filled by set_local()
 
     def __post_init__(self):
-        self._validate_common()
+        self.validate()
 
     needs_calibration = False
 

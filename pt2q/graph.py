@@ -75,3 +75,28 @@ def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
         for arg in node.all_input_nodes:
             view.add_edge(arg.name, node.name)
     return view
+
+
+def own_tensors(module: torch.nn.Module) -> int:
+    """Replace every parameter, buffer and plain tensor attribute below `module` by a copy, so that
+    nothing it holds shares storage with anyone else's tensors (torch.export's module shares the
+    user's). Tensors tied together (one object in two places) stay tied. Returns the number copied."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def own(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in copies:
+            copy = tensor.detach().clone()
+            if isinstance(tensor, torch.nn.Parameter):
+                copy = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
+            copies[id(tensor)] = copy
+        return copies[id(tensor)]
+
+    for submodule in module.modules():
+        for table in (submodule._parameters, submodule._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is not None:
+                    table[name] = own(tensor)
+        for name, value in list(vars(submodule).items()):
+            if isinstance(value, torch.Tensor):
+                submodule.__dict__[name] = own(value)
+    return len(copies)

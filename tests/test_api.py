@@ -155,7 +155,7 @@ def test_nan_produced_inside_the_model_names_the_node():
 
     model = Logs().eval()
     snap = ModelSnapshot(model)
-    with pytest.raises(CalibrationError, match=r"node 'log'.*NaN/Inf.*set_local"):
+    with pytest.raises(CalibrationError, match=r"calibration batch 0: the output of node 'log', the input of b, contains NaN.*set_local"):
         pt2q.quantize(model, StaticQuantConfig(activation_observer="minmax"), [(torch.randn(16, 8),)],
                       progress=False)
     snap.assert_unchanged()
@@ -247,3 +247,104 @@ def test_quantize_keeps_user_model_untouched(model):
     snap.assert_unchanged()
     assert model.training
     assert count_of(qmodel, Q_PER_TENSOR) >= 2
+
+
+# -- the quantized model owns its tensors; convert consumes the prepared model ---------------------
+class CountingModel(nn.Module):
+    """Embedding, tied output weights, norms and a buffer forward updates: what BERT-like models share."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 16, bias=False)
+        self.out.weight = self.embed.weight  # tied
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, ids):
+        self.calls.add_(1)
+        return self.out(torch.relu(self.fc(self.norm(self.embed(ids)))))
+
+
+def _user_storages(model) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+
+@pytest.mark.parametrize("config", [StaticQuantConfig(), pt2q.DynamicQuantConfig(), pt2q.WeightOnlyQuantConfig()],
+                         ids=["static", "dynamic", "weight_only"])
+def test_quantized_model_shares_no_storage_with_the_user_model(config):
+    torch.manual_seed(0)
+    model = CountingModel().eval()
+    ids = torch.randint(0, 16, (2, 5))
+    snap = ModelSnapshot(model)
+    qmodel = pt2q.quantize(model, config, [(ids,)], progress=False)
+    held = [t for t in [*qmodel.parameters(), *qmodel.buffers()]] + \
+        [v for m in qmodel.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    assert held and not {t.untyped_storage().data_ptr() for t in held} & _user_storages(model)
+    snap.assert_unchanged()  # calibration did not advance the user's counter
+    before = call(qmodel, (ids,))
+    with torch.no_grad():
+        model.norm.weight.mul_(3)  # editing the user's model afterwards does not move the quantized one
+        model(ids)
+    assert torch.equal(call(qmodel, (ids,)), before)
+    user_calls = model.calls.clone()
+    call(qmodel, (ids,))
+    assert torch.equal(model.calls, user_calls)  # and calling the quantized model leaves the user's alone
+
+
+def test_convert_consumes_the_prepared_model(model):
+    prepared = pt2q.prepare(model, StaticQuantConfig(), _batch())
+    pt2q.calibrate(prepared, [_batch()], progress=False)
+    qmodel = pt2q.convert(prepared)
+    for again in (lambda: pt2q.convert(prepared), lambda: pt2q.calibrate(prepared, [_batch()], progress=False)):
+        with pytest.raises(NotPreparedError, match=r"already converted by pt2q.convert\(\).*prepare\(\) again"):
+            again()
+    assert call(qmodel, (), _batch()).shape == (4, 8)  # the converted model is fine
+
+
+def test_save_refuses_an_observed_model(model, tmp_path):
+    prepared = pt2q.prepare(model, StaticQuantConfig(), _batch())
+    pt2q.calibrate(prepared, [_batch()], progress=False)
+    with pytest.raises(NotPreparedError, match=r"save\(\) takes a converted model.*convert\(\) first"):
+        pt2q.save(prepared, tmp_path / "observed.pt2")
+    assert not (tmp_path / "observed.pt2").exists()
+    pt2q.convert(prepared)
+    with pytest.raises(NotPreparedError, match="already converted"):
+        pt2q.save(prepared, tmp_path / "observed.pt2")
+
+
+# -- data mistakes get errors with the batch named ---------------------------------------------------
+def test_calib_data_as_one_tensor_is_refused_with_a_hint():
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    with pytest.raises(CalibrationError, match=r"single tensor.*\[\(x,\)\] for one batch of shape \(4, 8\)"):
+        pt2q.quantize(model, StaticQuantConfig(), torch.randn(4, 8), progress=False)
+    prepared = pt2q.prepare(model, StaticQuantConfig(), (torch.randn(4, 8),))
+    with pytest.raises(CalibrationError, match="single tensor"):
+        pt2q.calibrate(prepared, torch.randn(4, 8), progress=False)
+
+
+def test_none_batch_names_its_index(model):
+    with pytest.raises(CalibrationError, match=r"calibration batch 1: example inputs must be"):
+        pt2q.quantize(model, StaticQuantConfig(), [_batch(), None], progress=False)
+
+
+@pytest.mark.parametrize("observer", ["histogram", "minmax", "moving_average"])
+def test_inf_inside_the_model_fails_alike_for_every_observer(observer):
+    """HistogramObserver would skip the batch with only a warning; every observer now raises, naming
+    the node and the batch."""
+    class Exps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(torch.exp(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Exps().eval()
+    fine, overflowing = torch.randn(4, 8), torch.full((4, 8), 1e4)
+    with pytest.raises(CalibrationError, match=r"calibration batch 1: the output of node 'exp', the input of b, "
+                                                     r"contains Inf"):
+        pt2q.quantize(model, StaticQuantConfig(activation_observer=observer), [(fine,), (overflowing,)],
+                      progress=False)

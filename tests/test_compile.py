@@ -220,3 +220,10 @@ def test_calibration_belongs_to_one_model():
     with torch.no_grad():
         x = torch.randn(16, 64)
         assert torch.equal(runner(x), third(x))  # a calibration call, not someone else's int8
+
+
+def test_config_mistakes_in_options_always_raise():
+    """An invalid skip regex is the user's to fix: it raises, never falls back to plain Inductor."""
+    model = TwoLayers().eval()
+    with pytest.raises(Exception, match=r"set_local\('\('\): not a valid regex"):
+        torch.compile(model, backend="pt2q", options={"skip": ["("]})(torch.randn(2, 64))

@@ -191,3 +191,48 @@ def test_everything_fp32_is_allowed(zoo):
     assert pt2q.count_quantized_layers(qmodel) == 0
     assert len(fp32_weighted_layers(qmodel)) == 3
     torch.testing.assert_close(qmodel(*zm.args), zm.run(), rtol=0, atol=0)
+
+
+# -- every field checked by type and value, at construction and at use -------------------------------
+@pytest.mark.parametrize("cls, field_name, value, match", [
+    (StaticQuantConfig, "quantize_attention_matmul", "false", r"quantize_attention_matmul must be True or False, "
+                                                              r"got 'false' \(str\)"),
+    (StaticQuantConfig, "mixed_bf16", "no", r"mixed_bf16 must be True or False, got 'no'"),
+    (DynamicQuantConfig, "mixed_bf16", 1, r"mixed_bf16 must be True or False, got 1 \(int\)"),
+    (StaticQuantConfig, "activation_observer", ["minmax"], r"activation_observer=\['minmax'\] is not valid; "
+                                                           r"valid: 'histogram', 'minmax', 'moving_average'"),
+    (StaticQuantConfig, "backend", None, r"backend=None is not valid; valid: 'x86', 'xpu'"),
+    (StaticQuantConfig, "smooth_quant", 0.5, r"smooth_quant must be a pt2q.SmoothQuantConfig or None, got float"),
+])
+def test_field_types_checked_at_construction(cls, field_name, value, match):
+    with pytest.raises(ConfigError, match=match):
+        cls(**{field_name: value})
+
+
+def test_fields_assigned_later_are_checked_at_use(zoo):
+    zm = zoo("mlp")
+    config = StaticQuantConfig()
+    config.backend = "arm"
+    with pytest.raises(ConfigError, match=r"StaticQuantConfig.backend='arm' is not valid; valid: 'x86', 'xpu'"):
+        _quantize(zm, config)
+    local = StaticQuantConfig()
+    config = StaticQuantConfig().set_local("0", local)
+    local.mixed_bf16 = "yes"
+    with pytest.raises(ConfigError, match="mixed_bf16 must be True or False"):
+        _quantize(zm, config)
+    local.mixed_bf16, local.backend = False, "xpu"
+    with pytest.raises(ConfigError, match=r"set_local\('0'\): backend 'xpu' differs"):
+        _quantize(zm, config)
+
+
+def test_set_local_validates_its_regex_at_once():
+    with pytest.raises(ConfigError, match=r"set_local\('\('\): not a valid regex"):
+        StaticQuantConfig().set_local("(", None)
+
+
+def test_set_local_regex_matching_nothing_warns_with_close_names(zoo):
+    zm = zoo("bert")
+    config = StaticQuantConfig().set_local(r"encoder\.layers\.0\..*", None)  # the module is encoder.layer.0
+    with pytest.warns(UserWarning, match=r"set_local\('encoder\\\\.layers\\\\.0\\\\..\*'\) matches no module.*"
+                                         r"close module names: encoder\.layer\.0"):
+        _quantize(zm, config)

@@ -108,7 +108,7 @@ def test_saved_file_is_a_torch_export_archive(saved_mlp):
     metadata = json.loads(extra["pt2q.json"])
     numerics = metadata.pop("int8_numerics")
     assert metadata == {"format": 1, "backend": "x86", "mixed_bf16": False, "dynamic": False,
-                        "config": "StaticQuantConfig"}
+                        "config": "StaticQuantConfig", "output_types": []}  # plain tensors out
     # the saturation guard chosen here and the ISA it was chosen for travel with the file
     assert numerics["saturation_guard"] == "auto"
     assert numerics["built_on"] == pt2q.isa.detect().describe()
