@@ -238,12 +238,13 @@ def _compile_subgraph(graph_module: GraphModule, example_inputs: list, options: 
     from .capture import capture
     from .passes.manager import PassManager
     from .passes.normalize_module_names import NormalizeModuleNames
+    from .passes.restore_dynamo_module_stack import RestoreDynamoModuleStack
     from .quantizers import weighted_ops
 
     frozen = _FrozenSubgraph(graph_module, example_inputs)
     runtime = frozen.runtime_inputs(example_inputs)
     captured = capture(frozen, runtime, {})
-    PassManager([NormalizeModuleNames()])(captured)
+    PassManager([RestoreDynamoModuleStack(graph_module), NormalizeModuleNames()])(captured)
     if not any(node.target in weighted_ops() or node.target in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
                for node in captured.graph.nodes):
         return None  # nothing to quantize

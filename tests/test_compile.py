@@ -227,3 +227,46 @@ def test_config_mistakes_in_options_always_raise():
     model = TwoLayers().eval()
     with pytest.raises(Exception, match=r"set_local\('\('\): not a valid regex"):
         torch.compile(model, backend="pt2q", options={"skip": ["("]})(torch.randn(2, 64))
+
+
+def _kernel_reports(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("pt2q inductor: int8 kernels")]
+
+
+@pytest.mark.parametrize("options, kernels", [
+    ({"mode": "dynamic", "skip": [r"head"]}, 1),                                          # skip: fp32 head
+    ({"config": pt2q.DynamicQuantConfig().set_local(r"fc", None)}, 1),                    # mode from config
+    ({"mode": "weight_only"}, 0),                                                         # no int8 GEMM
+])
+def test_skip_config_and_weight_only_options(caplog, options, kernels):
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    x = torch.randn(16, 64)
+    with caplog.at_level(logging.INFO, logger="pt2q"):
+        compiled = torch.compile(model, backend="pt2q", options={**options, "strict": True}, dynamic=False)
+        with torch.no_grad():
+            output = compiled(x)
+    assert not torch.equal(output, model(x))  # quantized (weight-only too: int8 weights, dequantized)
+    assert relative_error(output, model(x)) < 0.02
+    reports = _kernel_reports(caplog)
+    assert len(reports) == 1 and reports[0].count("qlinear") == (1 if kernels else 0), reports
+    if kernels:
+        assert "qlinear_pointwise.tensor': 1}" in reports[0], reports
+
+
+def test_smooth_quant_option_matches_pt2q_quantize():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    with torch.no_grad():
+        model.norm.weight[:4] *= 20  # outlier channels, so the scales matter
+    batches = [torch.randn(16, 64) for _ in range(2)]
+    compiled = torch.compile(model, backend="pt2q", dynamic=False,
+                             options={"mode": "static", "calib_steps": 2, "smooth_quant": 0.5, "strict": True})
+    config = pt2q.StaticQuantConfig(smooth_quant=pt2q.SmoothQuantConfig(alpha=0.5))
+    reference = pt2q.quantize(model, config, [(x,) for x in batches], progress=False)
+    assert reference.meta["pt2q_smooth_quant_report"].groups
+    with torch.no_grad():
+        for x in batches:
+            compiled(x)
+        probe = torch.randn(16, 64)
+        assert relative_error(compiled(probe), reference(probe)) < 1e-4

@@ -236,3 +236,23 @@ def test_set_local_regex_matching_nothing_warns_with_close_names(zoo):
     with pytest.warns(UserWarning, match=r"set_local\('encoder\\\\.layers\\\\.0\\\\..\*'\) matches no module.*"
                                          r"close module names: encoder\.layer\.0"):
         _quantize(zm, config)
+
+
+def test_name_rule_matches_whole_names_only():
+    """'fc' keeps `fc` in fp32 and not `fc2` or `block.fc`: the regex must match a whole name."""
+    class Names(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.block = nn.Sequential()
+            self.block.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.block.fc(self.fc2(self.fc(x)))
+
+    model = Names().eval()
+    qmodel = pt2q.quantize(model, StaticQuantConfig().set_local("fc", None), [(torch.randn(2, 8),)], progress=False)
+    assert fp32_weighted_layers(qmodel) == ["fc.weight"]
+    qmodel = pt2q.quantize(model, StaticQuantConfig().set_local(r"(.*\.)?fc", None), [(torch.randn(2, 8),)],
+                           progress=False)
+    assert sorted(fp32_weighted_layers(qmodel)) == ["block.fc.weight", "fc.weight"]

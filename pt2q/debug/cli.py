@@ -3,6 +3,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+
+def _alpha(text: str):
+    """--smooth-quant: a number in [0, 1] or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an alpha: give a number in [0, 1] or 'auto'")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,15 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kind.add_argument("--weight-only", action="store_true", help="int8 weights only (WeightOnlyQuantConfig)")
     parser.add_argument("--observer", choices=["minmax", "histogram", "moving_average"],
                         help="activation observer (default: the config's, histogram)")
-    parser.add_argument("--smooth-quant", metavar="ALPHA",
+    parser.add_argument("--smooth-quant", metavar="ALPHA", type=_alpha,
                         help="apply SmoothQuant with this alpha (a number in [0, 1] or 'auto')")
     parser.add_argument("--no-compile", action="store_true", help="skip the Inductor lowering")
     parser.add_argument("--no-numeric", action="store_true", help="skip the fp32 vs int8 numeric report")
     parser.add_argument("--no-html", action="store_true", help="skip index.html")
-    parser.add_argument("--batch-size", type=int, default=32, help="--model demo only")
-    parser.add_argument("--seq-len", type=int, default=128, help="--model demo only")
-    parser.add_argument("--calib-batches", type=int, default=4, help="--model demo only")
-    parser.add_argument("--top", type=int, default=10, help="worst nodes to print")
+    parser.add_argument("--batch-size", type=_positive, default=32, help="--model demo only")
+    parser.add_argument("--seq-len", type=_positive, default=128, help="--model demo only")
+    parser.add_argument("--calib-batches", type=_positive, default=4, help="--model demo only")
+    parser.add_argument("--top", type=_positive, default=10, help="worst nodes to print")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -42,9 +66,12 @@ def build_config(args: argparse.Namespace):
     if args.observer:
         options["activation_observer"] = args.observer
     if args.smooth_quant is not None:
-        alpha = args.smooth_quant if args.smooth_quant == "auto" else float(args.smooth_quant)
-        options["smooth_quant"] = SmoothQuantConfig(alpha=alpha)
+        options["smooth_quant"] = SmoothQuantConfig(alpha=args.smooth_quant)
     return configs.StaticQuantConfig(**options)
+
+
+class FactoryError(Exception):
+    """The user's model factory could not be imported or raised."""
 
 
 def load_model(args: argparse.Namespace):
@@ -52,7 +79,10 @@ def load_model(args: argparse.Namespace):
 
     if args.model == "demo":
         return demo_model(args.batch_size, args.seq_len, args.calib_batches)
-    return load_factory(args.model)
+    try:
+        return load_factory(args.model)
+    except Exception as error:  # noqa: BLE001 - the user's code: report it, with its type and message
+        raise FactoryError(f"--model {args.model}: {type(error).__name__}: {error}") from error
 
 
 def run_dump(args: argparse.Namespace, out=print) -> int:
@@ -60,9 +90,11 @@ def run_dump(args: argparse.Namespace, out=print) -> int:
     from .numeric import numeric_text
     from .pipeline import DumpDirectoryError, check_out_dir, dump_pipeline
 
+    out_dir = Path(args.out)
+    existed = out_dir.exists()
     try:
-        check_out_dir(args.out, args.force)  # fail before loading the model
         config = build_config(args)
+        check_out_dir(args.out, args.force)  # fail before loading the model
         spec = load_model(args)
         out(f"pt2q dump: {spec.label} -> {args.out}")
         result = dump_pipeline(spec.model, config, spec.calib_data, spec.example_inputs, out_dir=args.out,
@@ -72,7 +104,8 @@ def run_dump(args: argparse.Namespace, out=print) -> int:
     except DumpDirectoryError as error:
         print(f"pt2q dump: error: {error}", file=sys.stderr)
         return 2
-    except (Pt2qError, ValueError) as error:
+    except (Pt2qError, ValueError, FactoryError) as error:
+        _remove_if_left_empty(out_dir, existed)
         print(f"pt2q dump: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     out(f"  {len(result.stages)} stages: " + ", ".join(f"{s.index:02d}_{s.name}" for s in result.stages))
@@ -87,3 +120,10 @@ def run_dump(args: argparse.Namespace, out=print) -> int:
     if result.html is not None:
         out(f"  open {result.html}")
     return 0
+
+
+def _remove_if_left_empty(out_dir: Path, existed: bool) -> None:
+    """A failed run leaves no empty folder it created (stages written before a failure stay: they are
+    what the user debugs with)."""
+    if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()

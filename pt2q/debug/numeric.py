@@ -153,21 +153,33 @@ def compare_graphs(reference: GraphModule, quantized: GraphModule, args: tuple, 
         if unsmoothed is not None:
             fp32_out = bypass_observers(structural_copy(unsmoothed))(*copy_inputs(args), **copy_inputs(kwargs))
             outputs += _output_rows(fp32_out, q_out, "output")
-            outputs += _output_rows(fp32_out, ref_out, "smooth_quant check")
+            outputs += _output_rows(fp32_out, ref_out, "smooth_quant check", "smoothed fp32 vs fp32")
         else:
             outputs += _output_rows(ref_out, q_out, "output")
     rows.sort(key=_sort_key)
     return rows, outputs
 
 
-def _output_rows(reference, actual, op: str) -> list[NumericRow]:
+def compare_compiled(fp32: GraphModule, quantized: GraphModule, compiled, args: tuple,
+                     kwargs: dict) -> list[NumericRow]:
+    """Model-output rows for the compiled int8 model: against fp32, and against its own Q/DQ graph (on
+    CPUs whose int8 kernels saturate the two can differ; see pt2q.isa)."""
+    with torch.no_grad():
+        fp32_out = bypass_observers(structural_copy(fp32))(*copy_inputs(args), **copy_inputs(kwargs))
+        q_out = quantized(*copy_inputs(args), **copy_inputs(kwargs))
+        compiled_out = compiled(*copy_inputs(args), **copy_inputs(kwargs))
+    return (_output_rows(fp32_out, compiled_out, "compiled", "compiled vs fp32")
+            + _output_rows(q_out, compiled_out, "compiled", "compiled vs Q/DQ graph"))
+
+
+def _output_rows(reference, actual, op: str, describe: str = "") -> list[NumericRow]:
     rows = []
     ref_leaves, got_leaves = pytree.tree_leaves(reference), pytree.tree_leaves(actual)
     for index, (ref, got) in enumerate(zip(ref_leaves, got_leaves)):
         if isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.is_floating_point() \
                 and ref.shape == got.shape:
             sqnr, max_err, ref_max = _compare(ref, got)
-            label = f"output[{index}]" if op == "output" else f"output[{index}] smoothed fp32 vs fp32"
+            label = f"output[{index}] {describe}" if describe else f"output[{index}]"
             rows.append(NumericRow(label, op, "", sqnr, max_err, ref_max, False))
     return rows
 

@@ -32,7 +32,7 @@ from torch.fx import GraphModule
 
 from ..api import split_calibration_data
 from ..errors import Pt2qError
-from .numeric import NumericRow, compare_graphs, numeric_text, structural_copy
+from .numeric import NumericRow, compare_compiled, compare_graphs, numeric_text, structural_copy
 from .text import GraphSnapshot, fmt_float, snapshot, tensor_stats, unified_diff
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,14 @@ def check_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
         for entry in path.iterdir():
             if entry.is_file() and _OWN_FILES.match(entry.name):
                 entry.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".pt2q_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise DumpDirectoryError(f"dump directory {str(path)!r} cannot be written: {error.strerror or error}") \
+            from error
     return path
 
 
@@ -248,11 +255,9 @@ def dump_pipeline(model: torch.nn.Module, config, calib_data: Iterable | None = 
                                                                     unsmoothed=reference)
                 else:
                     result.numeric, result.outputs = compare_graphs(reference, qmodel, args, kwargs)
-                (out / "numeric.txt").write_text("\n".join(
-                    numeric_text(result.numeric, result.outputs) + [""] + smooth_quant_lines(result.smooth_quant)
-                ) + "\n")
                 timings["numeric"] = time.perf_counter() - start
             _guarded(recorder, strict, "numeric", run_numeric)
+        kernel_report: list[str] = []
         if compile and qmodel.meta.get(QUANTIZED_KEY):
             from ..backends import inductor
 
@@ -260,8 +265,17 @@ def dump_pipeline(model: torch.nn.Module, config, calib_data: Iterable | None = 
             compiled = inductor.compile(qmodel, (args, kwargs))
             timings["compile"] = time.perf_counter() - start
             result.compiled, result.kernels = compiled, dict(compiled.int8_kernels)
-            recorder.add("inductor", None, kernel_lines(result.kernels, count_quantized_layers(qmodel),
-                                                        compiled.guarded_inputs))
+            kernel_report = kernel_lines(result.kernels, count_quantized_layers(qmodel), compiled.guarded_inputs)
+            recorder.add("inductor", None, kernel_report)
+            if numeric:
+                def run_compiled_numeric():
+                    reference = recorder.reference if recorder.reference is not None else captured
+                    result.outputs += compare_compiled(reference, qmodel, compiled, args, kwargs)
+                _guarded(recorder, strict, "numeric", run_compiled_numeric)
+        if numeric:
+            _guarded(recorder, strict, "numeric", lambda: (out / "numeric.txt").write_text("\n".join(
+                numeric_text(result.numeric, result.outputs) + [""] + kernel_report + [""]
+                + smooth_quant_lines(result.smooth_quant)) + "\n"))
     except BaseException as error:
         result.error = f"{type(error).__name__}: {error}"
         raise

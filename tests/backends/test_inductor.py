@@ -112,3 +112,24 @@ def test_conv_net_lowers_to_int8_conv_kernels_with_fused_residual():
     assert any(name.startswith("qconv") and "binary" in name for name in kernels), kernels
     with torch.no_grad():
         assert relative_error(compiled(*zoo.args), zoo.model(*zoo.args)) < 0.03
+
+
+def test_keyword_inputs_the_hugging_face_way():
+    """inductor.compile takes a dict of keyword inputs (what tokenizers return) and is called with them."""
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, input_ids=None, attention_mask=None):
+            return self.a(input_ids) * attention_mask + self.b(input_ids)
+
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    batch = {"input_ids": torch.randn(8, 16), "attention_mask": torch.ones(8, 16)}
+    qmodel = pt2q.quantize(model, pt2q.StaticQuantConfig(), [batch], progress=False)
+    compiled = inductor.compile(qmodel, batch)
+    assert compiled.num_int8_kernels == 2
+    with torch.no_grad():
+        assert relative_error(compiled(**batch), qmodel(**batch)) < 1e-4
+        assert relative_error(compiled(**batch), model(**batch)) < 0.02

@@ -29,6 +29,10 @@ FACTORY = textwrap.dedent("""
 
     def not_a_pair():
         return 42
+
+
+    def raises():
+        raise RuntimeError("the factory failed")
 """)
 
 
@@ -105,3 +109,30 @@ def test_console_entry_point(factory_dir):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (factory_dir / "cli" / "index.html").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--smooth-quant", "abc", "'abc' is not an alpha: give a number in [0, 1] or 'auto'"),
+    ("--smooth-quant", "1.5", "'1.5' is not an alpha"),
+    ("--top", "-1", "'-1' is not a positive whole number"),
+    ("--batch-size", "0", "'0' is not a positive whole number"),
+])
+def test_bad_option_values_are_usage_errors(factory_dir, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _run("--model", "user_models:make", "--out", "never", option, value)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (factory_dir / "never").exists()
+
+
+def test_factory_that_raises_is_reported_and_leaves_no_folder(factory_dir, capsys):
+    assert _run("--model", "user_models:raises", "--out", "failed") == 1
+    error = capsys.readouterr().err
+    assert "--model user_models:raises: RuntimeError: the factory failed" in error
+    assert "Traceback" not in error
+    assert not (factory_dir / "failed").exists()
+
+
+def test_unwritable_out_is_a_clear_error(factory_dir, capsys):
+    (factory_dir / "a_file").write_text("not a directory")
+    assert _run("--model", "user_models:make", "--out", "a_file/dump") == 2
+    assert "dump directory 'a_file/dump' cannot be written" in capsys.readouterr().err

@@ -196,3 +196,12 @@ def test_inductor_stage_reports_int8_kernels(dump):
     assert "qlinear_pointwise" in text
     assert json.loads(result.summary.read_text())["int8_kernels"] == result.kernels
     assert "Inductor int8 kernels" in result.html.read_text()
+    # numeric.txt lists the kernels and the compiled model's error beside the Q/DQ graph's: on CPUs whose
+    # int8 kernels saturate the two differ (pt2q.isa); with the saturation guard they agree
+    numeric = (result.out_dir / "numeric.txt").read_text()
+    assert "fused int8 kernel call(s) for 2 quantized layer(s)" in numeric and "qlinear_pointwise" in numeric
+    compiled_rows = {row.node: row for row in result.outputs if row.op == "compiled"}
+    assert set(compiled_rows) == {"output[0] compiled vs fp32", "output[0] compiled vs Q/DQ graph"}
+    assert "# output[0] compiled vs Q/DQ graph: SQNR" in numeric
+    assert compiled_rows["output[0] compiled vs Q/DQ graph"].sqnr_db > 60  # the kernels compute the graph
+    assert 10 < compiled_rows["output[0] compiled vs fp32"].sqnr_db < 80
