@@ -53,6 +53,11 @@ def test_static_quantization(name):
     snap.assert_unchanged()
     output = _check(zm, qmodel)
     snap.assert_unchanged()
+    # the quantized model owns its tensors: nothing shares storage with the user's model
+    user = {t.untyped_storage().data_ptr() for t in [*zm.model.parameters(), *zm.model.buffers()]}
+    held = [*qmodel.parameters(), *qmodel.buffers()] + \
+        [v for m in qmodel.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    assert not {t.untyped_storage().data_ptr() for t in held} & user, f"{name} shares tensors with the user"
     if name == "resnet":
         with torch.no_grad():
             expected = zm.model(*zm.args, **zm.kwargs).last_hidden_state
