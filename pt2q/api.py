@@ -21,9 +21,10 @@ from typing import Any, Iterable
 
 import torch
 from torch.fx import GraphModule
-from torchao.quantization.pt2e.observer import ObserverBase
+from torchao.quantization.pt2e.observer import HistogramObserver, ObserverBase
 from tqdm.auto import tqdm
 
+from . import meta
 from .capture import EXAMPLE_INPUTS_KEY, capture, normalize_inputs
 from .config import DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig
 from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
@@ -36,13 +37,14 @@ from .quantizers import QUANTIZERS
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEY = "pt2q_config"
-PREPARED_KEY = "pt2q_prepared"
-QUANTIZED_KEY = "pt2q_quantized"
-CONVERTED_KEY = "pt2q_converted"  # on a prepared model that convert() consumed
-SMOOTH_QUANT_PLAN_KEY = "pt2q_smooth_quant_plan"
-SMOOTH_QUANT_REPORT_KEY = "pt2q_smooth_quant_report"
-INT8_NUMERICS_KEY = "pt2q_int8_numerics"  # the saturation guard chosen and the ISA it was chosen for
+# The meta keys under their historical names here (pt2q.meta is their one home).
+CONFIG_KEY = meta.CONFIG
+PREPARED_KEY = meta.PREPARED
+QUANTIZED_KEY = meta.QUANTIZED
+CONVERTED_KEY = meta.CONVERTED
+SMOOTH_QUANT_PLAN_KEY = meta.SMOOTH_QUANT_PLAN
+SMOOTH_QUANT_REPORT_KEY = meta.SMOOTH_QUANT_REPORT
+INT8_NUMERICS_KEY = meta.INT8_NUMERICS
 _SAVE_FORMAT = 1
 
 Config = StaticQuantConfig | DynamicQuantConfig | WeightOnlyQuantConfig
@@ -164,11 +166,12 @@ def _check_batches_iterable(calib_data) -> None:
                                "e.g. [{'input_ids': ids}] for one batch of keyword inputs")
 
 
-@contextlib.contextmanager
-def _non_finite_observations_refused(graph_module: GraphModule, batch_index: list[int]):
-    """Every static observer checks what it sees: HistogramObserver would skip a batch holding Inf with
-    only a torchao warning, MinMaxObserver would record it and convert would fail later. Both now fail
-    here alike, naming the node and the batch."""
+_HISTOGRAM_SKIPPED_INF = "torch.inf detected in input tensor"  # torchao HistogramObserver's warning
+_REEMITTED: dict = {}  # the registry of warnings passed on by _run_batch (deduplicated as Python does)
+
+
+def _observer_descriptions(graph_module: GraphModule) -> dict[str, str]:
+    """observer module name -> 'node X (module M), the input of C,' for error messages."""
     from .graph import module_fqn
 
     described = {}
@@ -178,25 +181,78 @@ def _non_finite_observations_refused(graph_module: GraphModule, batch_index: lis
             consumers = sorted({module_fqn(user) for user in node.users if module_fqn(user)})
             text = f"node {source.name!r}" + (f" (module {module_fqn(source)!r})" if module_fqn(source) else "")
             described[node.target] = text + (f", the input of {', '.join(consumers)}," if consumers else "")
+    return described
 
-    def hook_for(name: str):
-        def check(_module, inputs):
+
+def _non_finite(low: torch.Tensor, high: torch.Tensor) -> str | None:
+    if bool(torch.isfinite(low).all()) and bool(torch.isfinite(high).all()):
+        return None
+    return "NaN" if bool(torch.isnan(low).any() or torch.isnan(high).any()) else "Inf"
+
+
+@contextlib.contextmanager
+def _non_finite_observations_refused(graph_module: GraphModule, batch_index: list[int], *,
+                                     check_histogram_inputs: bool = False):
+    """Static observers fail alike on NaN/Inf, naming the node and the batch. Min/max observers keep what
+    they saw, so their range is read after each call (O(channels)). HistogramObserver drops Inf with only a
+    warning; run_calibration notices the warning and calls the batch again with `check_histogram_inputs`,
+    which looks at the histogram observers' inputs (a pass over each activation: the slow path only)."""
+    described = _observer_descriptions(graph_module)
+
+    def refuse(name: str, bad: str):
+        raise CalibrationError(
+            f"calibration batch {batch_index[0]}: the output of {described.get(name, f'observer {name}')} "
+            f"contains {bad}; check the model's numerics on the calibration data, or keep that layer in fp32 "
+            "with set_local(..., None)")
+
+    def check_input(name: str):
+        def hook(_module, inputs):
             value = inputs[0] if inputs else None
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-                bad = "NaN" if torch.isnan(value).any() else "Inf"
-                where = described.get(name, f"observer {name}")
-                raise CalibrationError(
-                    f"calibration batch {batch_index[0]}: the output of {where} contains {bad}; check the "
-                    "model's numerics on the calibration data, or keep that layer in fp32 with set_local(..., None)")
-        return check
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+                bad = _non_finite(*torch.aminmax(value))
+                if bad:
+                    refuse(name, bad)
+        return hook
 
-    handles = [observer.register_forward_pre_hook(hook_for(name)) for name, observer in _observers(graph_module).items()
-               if not getattr(observer, "is_dynamic", False)]
+    def check_range(name: str):
+        def hook(module, _inputs, _output):
+            bad = _non_finite(module.min_val, module.max_val)
+            if bad:
+                refuse(name, bad)
+        return hook
+
+    handles = []
+    for name, observer in _observers(graph_module).items():
+        if getattr(observer, "is_dynamic", False):
+            continue
+        if isinstance(observer, HistogramObserver):
+            if check_histogram_inputs:
+                handles.append(observer.register_forward_pre_hook(check_input(name)))
+        elif isinstance(getattr(observer, "min_val", None), torch.Tensor):
+            handles.append(observer.register_forward_hook(check_range(name)))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _run_batch(graph_module: GraphModule, args: tuple, kwargs: dict, index: int) -> None:
+    """One calibration call. A histogram observer's 'ignoring input' warning means it dropped Inf: the
+    batch is then run again, looking at every histogram input, to name the node."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _non_finite_observations_refused(graph_module, [index]):
+            graph_module(*args, **kwargs)
+    if any(_HISTOGRAM_SKIPPED_INF in str(w.message) for w in caught):
+        with _non_finite_observations_refused(graph_module, [index], check_histogram_inputs=True):
+            graph_module(*args, **kwargs)
+    for w in caught:  # everything else is passed on as it came
+        if _HISTOGRAM_SKIPPED_INF not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_REEMITTED,
+                                   source=w.source)
 
 
 def run_calibration(graph_module: GraphModule, calib_data: Iterable, *, progress: bool = True,
@@ -205,17 +261,15 @@ def run_calibration(graph_module: GraphModule, calib_data: Iterable, *, progress
     count = 0
     batches = tqdm(calib_data, total=_sized(calib_data), desc=desc, unit="batch",
                    disable=not progress, leave=False)
-    batch_index = [0]
-    with torch.no_grad(), _non_finite_observations_refused(graph_module, batch_index):
+    with torch.no_grad():
         for index, batch in enumerate(batches):
-            batch_index[0] = index
             try:
                 args, kwargs = normalize_inputs(batch)
             except TypeError as error:
                 raise CalibrationError(f"calibration batch {index}: {error}") from error
             _check_finite_inputs(args, kwargs, index)
             try:
-                graph_module(*args, **kwargs)
+                _run_batch(graph_module, args, kwargs, index)
             except CalibrationError:
                 raise
             except Exception as error:  # noqa: BLE001 - re-raised with the batch index and a hint
@@ -274,11 +328,11 @@ def convert(prepared: GraphModule) -> GraphModule:
         prepared.meta[SMOOTH_QUANT_REPORT_KEY] = report
         log.info("%s", report.summary())
     _check_observers(prepared)
-    meta = dict(prepared.meta)
+    kept = dict(prepared.meta)
     quantized, _ = PassManager([TorchaoConvert()])(prepared)
     prepared.meta.pop(PREPARED_KEY, None)
     prepared.meta[CONVERTED_KEY] = True
-    quantized.meta.update(meta)
+    quantized.meta.update(kept)
     quantized.meta.pop(PREPARED_KEY, None)
     quantized.meta.pop(CONVERTED_KEY, None)
     quantized.meta[QUANTIZED_KEY] = True
@@ -377,7 +431,7 @@ def save(qmodel: GraphModule, path: str | os.PathLike) -> None:
         raise NotPreparedError("save() takes a converted model; this one still has observers: calibrate it and "
                                "call pt2q.convert() first (an observed model cannot be exported)")
     args, kwargs = qmodel.meta[EXAMPLE_INPUTS_KEY]
-    exported = torch.export.export(qmodel, args, kwargs, dynamic_shapes=qmodel.meta.get("pt2q_dynamic_shapes"))
+    exported = torch.export.export(qmodel, args, kwargs, dynamic_shapes=qmodel.meta.get(meta.DYNAMIC_SHAPES))
     metadata = {**_saved_metadata(qmodel), "output_types": _output_type_names(exported)}
     torch.export.save(exported, path, extra_files={"pt2q.json": json.dumps(metadata)})
 
@@ -421,7 +475,7 @@ def load(path: str | os.PathLike) -> GraphModule:
     exported = torch.export.load(io.BytesIO(data), extra_files=extra)
     graph_module = exported.module()
     graph_module.meta[QUANTIZED_KEY] = True
-    graph_module.meta["pt2q_saved_metadata"] = metadata
+    graph_module.meta[meta.SAVED_METADATA] = metadata
     if metadata.get("backend"):
         kinds = {cls.__name__: cls for cls in (StaticQuantConfig, DynamicQuantConfig, WeightOnlyQuantConfig)}
         cls = kinds.get(metadata.get("config")) or (DynamicQuantConfig if metadata.get("dynamic") else StaticQuantConfig)

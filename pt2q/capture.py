@@ -12,10 +12,10 @@ import torch
 from torch.export import Dim, ShapesCollection
 from torch.fx import GraphModule
 
+from . import meta
 from .errors import CaptureError
 
-# Meta key under which the example inputs of a capture are kept (save() re-exports with them).
-EXAMPLE_INPUTS_KEY = "pt2q_example_inputs"
+EXAMPLE_INPUTS_KEY = meta.EXAMPLE_INPUTS  # its historical name here
 
 _DYNAMIC_SHORTHANDS = {"batch": (0,), "batch_seq": (0, 1)}
 
@@ -120,6 +120,6 @@ def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
                 f"hint: {_hint_for(error)}", export_error=error) from error
     graph_module = exported.module()
     graph_module.meta[EXAMPLE_INPUTS_KEY] = (args, kwargs)
-    graph_module.meta["pt2q_dynamic_shapes"] = dynamic_shapes
-    graph_module.meta["pt2q_source_class"] = type(model).__name__
+    graph_module.meta[meta.DYNAMIC_SHAPES] = dynamic_shapes
+    graph_module.meta[meta.SOURCE_CLASS] = type(model).__name__
     return graph_module

@@ -194,7 +194,9 @@ class _StaticRunner:
             self._finish(self.frozen_example())
 
     def frozen_example(self):
-        args, kwargs = self.prepared.meta["pt2q_example_inputs"]
+        from . import meta
+
+        args, kwargs = self.prepared.meta[meta.EXAMPLE_INPUTS]
         return args
 
     def _observers(self) -> dict:

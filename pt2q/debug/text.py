@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from .. import meta
+
 qd = torch.ops.quantized_decomposed
 
 _DTYPES = {
@@ -250,7 +252,7 @@ def observer_text(observer: torch.nn.Module, with_qparams: bool = True) -> str:
 
 def annotation_text(node: Node) -> str:
     """The quantizer's annotation of `node`: the spec of each quantized input and of the output."""
-    annotation = node.meta.get("quantization_annotation")
+    annotation = node.meta.get(meta.ANNOTATION)
     if annotation is None:
         return ""
     parts = []
@@ -436,7 +438,7 @@ def snapshot(gm: GraphModule, index: int, name: str, *, rules: dict[str, str] | 
             elif is_quantized_compute(node):
                 category = "int8"
                 info = "int8 weight" if has_int8_weight(node) else "dequantized input"
-        annotated = "quantization_annotation" in node.meta
+        annotated = meta.ANNOTATION in node.meta
         rule = rules.get(node.name, "annotated" if annotated else "")
         args = [fmt_arg(a) for a in node.args] + [f"{k}={fmt_arg(v)}" for k, v in node.kwargs.items()]
         type_text = _type_text(types.get(node.name))

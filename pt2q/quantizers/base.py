@@ -19,6 +19,7 @@ from torchao.quantization.pt2e.quantizer import (
     QuantizationAnnotation, QuantizationSpec, Quantizer, SharedQuantizationSpec,
 )
 
+from .. import meta
 from ..errors import ConfigError
 from ..isa import GUARD_BOUNDS, RESOLVED_GUARDS, resolve_saturation_guard
 from ..graph import class_path, get_constant, is_float_tensor, module_stack
@@ -26,7 +27,7 @@ from ..passes.manager import PassManager
 from ..passes.matmul_to_linear import MatmulToLinear
 from .rules import RULE_BY_OP, Role
 
-ANNOTATION_KEY = "quantization_annotation"
+ANNOTATION_KEY = meta.ANNOTATION
 _EPS = 2 ** -12  # smallest scale: keeps all-zero tensors from producing a zero scale
 
 ACTIVATION_OBSERVERS = {
@@ -255,7 +256,7 @@ class RuleQuantizer(Quantizer):
             input_map[weight] = replace(scheme.weight, ch_axis=rule.weight_channel_axis) \
                 if scheme.weight.ch_axis is not None else scheme.weight
         node.meta[ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=input_map, _annotated=True)
-        node.meta["pt2q_scheme"] = scheme
+        node.meta[meta.SCHEME] = scheme
         self.annotated_nodes[node.name] = rule.name
         if not scheme.weight_only:
             self.applied_guards[node.name] = scheme.saturation_guard
@@ -269,7 +270,7 @@ class RuleQuantizer(Quantizer):
         for producer, extra in ((lhs, rhs), (rhs, lhs)):
             if producer.target in rule.after and producer.name in self.annotated_nodes and \
                     len(producer.users) == 1:
-                scheme = producer.meta["pt2q_scheme"]
+                scheme = producer.meta[meta.SCHEME]
                 if scheme.is_dynamic or scheme.weight_only:
                     return
                 node.meta[ANNOTATION_KEY] = QuantizationAnnotation(

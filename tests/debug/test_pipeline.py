@@ -11,6 +11,7 @@ import pt2q
 from pt2q.debug import DumpDirectoryError, dump_pipeline
 from pt2q.debug.numeric import bypass_observers, sqnr_db, structural_copy
 from tests.debug.conftest import gelu_mlp, minmax_config, mlp2, tiny_cnn
+from tests.conftest import PROCESS_ISA
 
 
 def test_files_and_stage_numbering(dump):
@@ -196,12 +197,17 @@ def test_inductor_stage_reports_int8_kernels(dump):
     assert "qlinear_pointwise" in text
     assert json.loads(result.summary.read_text())["int8_kernels"] == result.kernels
     assert "Inductor int8 kernels" in result.html.read_text()
-    # numeric.txt lists the kernels and the compiled model's error beside the Q/DQ graph's: on CPUs whose
-    # int8 kernels saturate the two differ (pt2q.isa); with the saturation guard they agree
+    # numeric.txt lists the kernels and the compiled model's error beside the Q/DQ graph's. The dump's
+    # config pins full range (saturation_guard="off"), so where int8 kernels saturate this is exactly
+    # what the report is for: the compiled model visibly leaves its graph (17 dB measured under AVX2)
     numeric = (result.out_dir / "numeric.txt").read_text()
     assert "fused int8 kernel call(s) for 2 quantized layer(s)" in numeric and "qlinear_pointwise" in numeric
     compiled_rows = {row.node: row for row in result.outputs if row.op == "compiled"}
     assert set(compiled_rows) == {"output[0] compiled vs fp32", "output[0] compiled vs Q/DQ graph"}
     assert "# output[0] compiled vs Q/DQ graph: SQNR" in numeric
-    assert compiled_rows["output[0] compiled vs Q/DQ graph"].sqnr_db > 60  # the kernels compute the graph
+    graph_sqnr = compiled_rows["output[0] compiled vs Q/DQ graph"].sqnr_db
+    if PROCESS_ISA.int8_saturates:
+        assert graph_sqnr < 40
+    else:
+        assert graph_sqnr > 60  # the kernels compute the graph
     assert 10 < compiled_rows["output[0] compiled vs fp32"].sqnr_db < 80

@@ -27,6 +27,7 @@ import torch._inductor.config as inductor_config
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from ... import meta
 from ...capture import normalize_inputs
 from ...graph import VIEW_OPS, is_float_tensor
 from ...isa import detect
@@ -150,7 +151,7 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
     """
     args, kwargs = normalize_inputs(example_inputs)
     if mixed_bf16 is None:
-        mixed_bf16 = bool(getattr(qmodel.meta.get("pt2q_config"), "mixed_bf16", False)) \
+        mixed_bf16 = bool(getattr(qmodel.meta.get(meta.CONFIG), "mixed_bf16", False)) \
             if isinstance(qmodel, GraphModule) else False
     if mixed_bf16 and not detect().native_bf16:
         warnings.warn("mixed_bf16=True on a CPU without native bf16 (no AVX512-BF16 or AMX-BF16): bf16 ops "
