@@ -192,11 +192,12 @@ def _non_finite(low: torch.Tensor, high: torch.Tensor) -> str | None:
 
 @contextlib.contextmanager
 def _non_finite_observations_refused(graph_module: GraphModule, batch_index: list[int], *,
-                                     check_histogram_inputs: bool = False):
-    """Static observers fail alike on NaN/Inf, naming the node and the batch. Min/max observers keep what
-    they saw, so their range is read after each call (O(channels)). HistogramObserver drops Inf with only a
-    warning; run_calibration notices the warning and calls the batch again with `check_histogram_inputs`,
-    which looks at the histogram observers' inputs (a pass over each activation: the slow path only)."""
+                                     histogram_inputs: bool = False):
+    """Static observers fail alike on NaN/Inf, naming the node and the batch (`batch_index[0]`). Min/max
+    observers keep what they saw, so their range is read after each call (O(channels)). HistogramObserver
+    drops Inf with only a warning; `_run_batch` notices the warning and calls the batch again inside
+    `histogram_inputs=True`, which looks at the histogram observers' inputs instead (a pass over each
+    activation: the slow path only)."""
     described = _observer_descriptions(graph_module)
 
     def refuse(name: str, bad: str):
@@ -226,9 +227,9 @@ def _non_finite_observations_refused(graph_module: GraphModule, batch_index: lis
         if getattr(observer, "is_dynamic", False):
             continue
         if isinstance(observer, HistogramObserver):
-            if check_histogram_inputs:
+            if histogram_inputs:
                 handles.append(observer.register_forward_pre_hook(check_input(name)))
-        elif isinstance(getattr(observer, "min_val", None), torch.Tensor):
+        elif isinstance(getattr(observer, "min_val", None), torch.Tensor) and not histogram_inputs:
             handles.append(observer.register_forward_hook(check_range(name)))
     try:
         yield
@@ -237,17 +238,17 @@ def _non_finite_observations_refused(graph_module: GraphModule, batch_index: lis
             handle.remove()
 
 
-def _run_batch(graph_module: GraphModule, args: tuple, kwargs: dict, index: int) -> None:
-    """One calibration call. A histogram observer's 'ignoring input' warning means it dropped Inf: the
-    batch is then run again, looking at every histogram input, to name the node."""
+def _run_batch(graph_module: GraphModule, args: tuple, kwargs: dict, batch_index: list[int]) -> None:
+    """One calibration call, inside run_calibration's `_non_finite_observations_refused`. A histogram
+    observer's 'ignoring input' warning means it dropped Inf: the batch is then run again, looking at
+    every histogram input, to name the node."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with _non_finite_observations_refused(graph_module, [index]):
-            graph_module(*args, **kwargs)
+        graph_module(*args, **kwargs)
     if any(_HISTOGRAM_SKIPPED_INF in str(w.message) for w in caught):
-        with _non_finite_observations_refused(graph_module, [index], check_histogram_inputs=True):
+        with _non_finite_observations_refused(graph_module, batch_index, histogram_inputs=True):
             graph_module(*args, **kwargs)
     for w in caught:  # everything else is passed on as it came
         if _HISTOGRAM_SKIPPED_INF not in str(w.message):
@@ -261,15 +262,17 @@ def run_calibration(graph_module: GraphModule, calib_data: Iterable, *, progress
     count = 0
     batches = tqdm(calib_data, total=_sized(calib_data), desc=desc, unit="batch",
                    disable=not progress, leave=False)
-    with torch.no_grad():
+    batch_index = [0]
+    with torch.no_grad(), _non_finite_observations_refused(graph_module, batch_index):
         for index, batch in enumerate(batches):
+            batch_index[0] = index
             try:
                 args, kwargs = normalize_inputs(batch)
             except TypeError as error:
                 raise CalibrationError(f"calibration batch {index}: {error}") from error
             _check_finite_inputs(args, kwargs, index)
             try:
-                _run_batch(graph_module, args, kwargs, index)
+                _run_batch(graph_module, args, kwargs, batch_index)
             except CalibrationError:
                 raise
             except Exception as error:  # noqa: BLE001 - re-raised with the batch index and a hint
