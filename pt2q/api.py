@@ -10,8 +10,6 @@ never modified; `prepare` works on a capture of it.
 from __future__ import annotations
 
 import collections
-import contextlib
-import copy
 import io
 import itertools
 import json
@@ -21,11 +19,10 @@ from typing import Any, Iterable
 
 import torch
 from torch.fx import GraphModule
-from torchao.quantization.pt2e.observer import HistogramObserver, ObserverBase
-from tqdm.auto import tqdm
 
 from . import meta
-from .capture import EXAMPLE_INPUTS_KEY, capture, normalize_inputs
+from .calibration import check_batches_iterable, observers, run_calibration, sized
+from .capture import EXAMPLE_INPUTS_KEY, capture, fresh_copy, normalize_inputs
 from .config import DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig
 from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
 from .graph import own_tensors
@@ -50,13 +47,6 @@ _SAVE_FORMAT = 1
 Config = StaticQuantConfig | DynamicQuantConfig | WeightOnlyQuantConfig
 
 
-def _fresh_copy(graph_module: GraphModule) -> GraphModule:
-    """A GraphModule with its own graph and module tree but the same (shared, unmodified) tensors."""
-    copied = GraphModule(graph_module, copy.deepcopy(graph_module.graph), type(graph_module).__name__)
-    copied.meta.update(graph_module.meta)
-    return copied
-
-
 def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, *,
             dynamic_shapes: Any = None) -> GraphModule:
     """Capture `model` (unless it is already a pt2q capture) and insert observers per `config`."""
@@ -64,7 +54,7 @@ def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, 
         raise ConfigError(f"config must be a StaticQuantConfig, DynamicQuantConfig or WeightOnlyQuantConfig, "
                           f"got {type(config).__name__}")
     if isinstance(model, GraphModule) and EXAMPLE_INPUTS_KEY in model.meta:
-        graph_module = _fresh_copy(model)
+        graph_module = fresh_copy(model)
     else:
         if example_inputs is None:
             raise ConfigError("prepare() needs example_inputs (a tuple of positional inputs or a dict of "
@@ -124,29 +114,6 @@ def _int8_numerics(config: Config, quantizer) -> dict:
     return numerics
 
 
-def _observers(graph_module: GraphModule) -> dict[str, torch.nn.Module]:
-    return {name: module for name, module in graph_module.named_modules() if isinstance(module, ObserverBase)}
-
-
-def _check_finite_inputs(args: tuple, kwargs: dict, batch_index: int) -> None:
-    named = [(f"positional argument {i}", a) for i, a in enumerate(args)] + \
-            [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
-    for name, value in named:
-        leaves = torch.utils._pytree.tree_leaves(value)
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
-                bad = "NaN" if torch.isnan(leaf).any() else "Inf"
-                raise CalibrationError(f"calibration batch {batch_index}: {name} contains {bad}; "
-                                       "clean the calibration data (observers would record a useless range)")
-
-
-def _sized(data) -> int | None:
-    try:
-        return len(data)
-    except TypeError:
-        return None
-
-
 def calibrate(prepared: GraphModule, calib_data: Iterable, *, progress: bool = True) -> int:
     """Run every batch of `calib_data` (tuples of positional inputs or dicts of keyword inputs) through
     the observed model. Returns the number of batches. Raises CalibrationError on bad data."""
@@ -156,140 +123,10 @@ def calibrate(prepared: GraphModule, calib_data: Iterable, *, progress: bool = T
     return run_calibration(prepared, calib_data, progress=progress)
 
 
-def _check_batches_iterable(calib_data) -> None:
-    if isinstance(calib_data, torch.Tensor):
-        raise CalibrationError("calib_data is a single tensor, which would be iterated row by row; pass an "
-                               f"iterable of batches instead, e.g. [(x,)] for one batch of shape {tuple(calib_data.shape)}, "
-                               "or a DataLoader")
-    if isinstance(calib_data, (dict, str, bytes)):
-        raise CalibrationError(f"calib_data is a {type(calib_data).__name__}; pass an iterable of batches, "
-                               "e.g. [{'input_ids': ids}] for one batch of keyword inputs")
-
-
-_HISTOGRAM_SKIPPED_INF = "torch.inf detected in input tensor"  # torchao HistogramObserver's warning
-_REEMITTED: dict = {}  # the registry of warnings passed on by _run_batch (deduplicated as Python does)
-
-
-def _observer_descriptions(graph_module: GraphModule) -> dict[str, str]:
-    """observer module name -> 'node X (module M), the input of C,' for error messages."""
-    from .graph import module_fqn
-
-    described = {}
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module" and node.args and isinstance(node.args[0], torch.fx.Node):
-            source = node.args[0]
-            consumers = sorted({module_fqn(user) for user in node.users if module_fqn(user)})
-            text = f"node {source.name!r}" + (f" (module {module_fqn(source)!r})" if module_fqn(source) else "")
-            described[node.target] = text + (f", the input of {', '.join(consumers)}," if consumers else "")
-    return described
-
-
-def _non_finite(low: torch.Tensor, high: torch.Tensor) -> str | None:
-    if bool(torch.isfinite(low).all()) and bool(torch.isfinite(high).all()):
-        return None
-    return "NaN" if bool(torch.isnan(low).any() or torch.isnan(high).any()) else "Inf"
-
-
-@contextlib.contextmanager
-def _non_finite_observations_refused(graph_module: GraphModule, batch_index: list[int], *,
-                                     histogram_inputs: bool = False):
-    """Static observers fail alike on NaN/Inf, naming the node and the batch (`batch_index[0]`). Min/max
-    observers keep what they saw, so their range is read after each call (O(channels)). HistogramObserver
-    drops Inf with only a warning; `_run_batch` notices the warning and calls the batch again inside
-    `histogram_inputs=True`, which looks at the histogram observers' inputs instead (a pass over each
-    activation: the slow path only)."""
-    described = _observer_descriptions(graph_module)
-
-    def refuse(name: str, bad: str):
-        raise CalibrationError(
-            f"calibration batch {batch_index[0]}: the output of {described.get(name, f'observer {name}')} "
-            f"contains {bad}; check the model's numerics on the calibration data, or keep that layer in fp32 "
-            "with set_local(..., None)")
-
-    def check_input(name: str):
-        def hook(_module, inputs):
-            value = inputs[0] if inputs else None
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
-                bad = _non_finite(*torch.aminmax(value))
-                if bad:
-                    refuse(name, bad)
-        return hook
-
-    def check_range(name: str):
-        def hook(module, _inputs, _output):
-            bad = _non_finite(module.min_val, module.max_val)
-            if bad:
-                refuse(name, bad)
-        return hook
-
-    handles = []
-    for name, observer in _observers(graph_module).items():
-        if getattr(observer, "is_dynamic", False):
-            continue
-        if isinstance(observer, HistogramObserver):
-            if histogram_inputs:
-                handles.append(observer.register_forward_pre_hook(check_input(name)))
-        elif isinstance(getattr(observer, "min_val", None), torch.Tensor) and not histogram_inputs:
-            handles.append(observer.register_forward_hook(check_range(name)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _run_batch(graph_module: GraphModule, args: tuple, kwargs: dict, batch_index: list[int]) -> None:
-    """One calibration call, inside run_calibration's `_non_finite_observations_refused`. A histogram
-    observer's 'ignoring input' warning means it dropped Inf: the batch is then run again, looking at
-    every histogram input, to name the node."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        graph_module(*args, **kwargs)
-    if any(_HISTOGRAM_SKIPPED_INF in str(w.message) for w in caught):
-        with _non_finite_observations_refused(graph_module, batch_index, histogram_inputs=True):
-            graph_module(*args, **kwargs)
-    for w in caught:  # everything else is passed on as it came
-        if _HISTOGRAM_SKIPPED_INF not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_REEMITTED,
-                                   source=w.source)
-
-
-def run_calibration(graph_module: GraphModule, calib_data: Iterable, *, progress: bool = True,
-                    desc: str = "pt2q calibrate") -> int:
-    _check_batches_iterable(calib_data)
-    count = 0
-    batches = tqdm(calib_data, total=_sized(calib_data), desc=desc, unit="batch",
-                   disable=not progress, leave=False)
-    batch_index = [0]
-    with torch.no_grad(), _non_finite_observations_refused(graph_module, batch_index):
-        for index, batch in enumerate(batches):
-            batch_index[0] = index
-            try:
-                args, kwargs = normalize_inputs(batch)
-            except TypeError as error:
-                raise CalibrationError(f"calibration batch {index}: {error}") from error
-            _check_finite_inputs(args, kwargs, index)
-            try:
-                _run_batch(graph_module, args, kwargs, batch_index)
-            except CalibrationError:
-                raise
-            except Exception as error:  # noqa: BLE001 - re-raised with the batch index and a hint
-                raise CalibrationError(
-                    f"calibration batch {index} does not fit the captured graph: {error}\nhint: its shapes "
-                    "must match the example inputs, or capture with dynamic_shapes='batch' / 'batch_seq'"
-                ) from error
-            count += 1
-    if count == 0:
-        raise CalibrationError("calib_data is empty: static quantization needs at least one batch")
-    return count
-
-
 def _check_observers(prepared: GraphModule) -> None:
     """Every observer saw finite data; name the observed node otherwise."""
     observed_node = {n.target: n.args[0] for n in prepared.graph.nodes if n.op == "call_module"}
-    for name, observer in _observers(prepared).items():
+    for name, observer in observers(prepared).items():
         low, high = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
         if low is None or high is None or getattr(observer, "is_dynamic", False):
             continue
@@ -314,11 +151,11 @@ def convert(prepared: GraphModule) -> GraphModule:
     """Turn a calibrated observed model into a Q/DQ GraphModule (torchao's `convert_pt2e`). This consumes
     `prepared`: calibrating or converting it again raises NotPreparedError."""
     _check_not_converted(prepared, "convert()")
-    if not isinstance(prepared, GraphModule) or not (_observers(prepared) or prepared.meta.get(PREPARED_KEY)):
+    if not isinstance(prepared, GraphModule) or not (observers(prepared) or prepared.meta.get(PREPARED_KEY)):
         raise NotPreparedError(
             f"convert() takes a model returned by pt2q.prepare() (or torchao prepare_pt2e) and calibrated; "
             f"got a {type(prepared).__name__} with no observers")
-    if not _observers(prepared):  # prepared by pt2q, but the config keeps every layer in fp32
+    if not observers(prepared):  # prepared by pt2q, but the config keeps every layer in fp32
         log.warning("convert(): the config quantizes no layer of this model; it stays in fp32")
     plan = prepared.meta.get(SMOOTH_QUANT_PLAN_KEY)
     if plan is not None:
@@ -366,12 +203,12 @@ def split_calibration_data(config: Config, calib_data: Iterable | None, example_
     example) and the rest stays lazy. Configs that need no calibration still run the example once, so
     weight observers record the weights' ranges."""
     if calib_data is not None:
-        _check_batches_iterable(calib_data)
+        check_batches_iterable(calib_data)
         iterator = iter(calib_data)
         first = next(iterator, None)
         if first is None:
             raise CalibrationError("calib_data is empty: give at least one batch")
-        total = _sized(calib_data)
+        total = sized(calib_data)
         calib_data = itertools.chain([first], iterator)
         if total is not None:
             calib_data = _WithLength(calib_data, total)
@@ -430,7 +267,7 @@ def save(qmodel: GraphModule, path: str | os.PathLike) -> None:
     if EXAMPLE_INPUTS_KEY not in getattr(qmodel, "meta", {}):
         raise ConfigError("save() takes a model produced by pt2q (quantize/convert/capture)")
     _check_not_converted(qmodel, "save()")
-    if qmodel.meta.get(PREPARED_KEY) or _observers(qmodel):
+    if qmodel.meta.get(PREPARED_KEY) or observers(qmodel):
         raise NotPreparedError("save() takes a converted model; this one still has observers: calibrate it and "
                                "call pt2q.convert() first (an observed model cannot be exported)")
     args, kwargs = qmodel.meta[EXAMPLE_INPUTS_KEY]

@@ -6,6 +6,7 @@ capture (`use_cache`) are restored, and no parameter is written.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
@@ -123,3 +124,10 @@ def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
     graph_module.meta[meta.DYNAMIC_SHAPES] = dynamic_shapes
     graph_module.meta[meta.SOURCE_CLASS] = type(model).__name__
     return graph_module
+
+
+def fresh_copy(graph_module: GraphModule) -> GraphModule:
+    """A GraphModule with its own graph and module tree but the same (shared, unmodified) tensors."""
+    copied = GraphModule(graph_module, copy.deepcopy(graph_module.graph), type(graph_module).__name__)
+    copied.meta.update(graph_module.meta)
+    return copied

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,8 +63,6 @@ class _Config:
                 raise ConfigError(f"{name}.{field_name} must be True or False, got {value!r} "
                                   f"({type(value).__name__})")
         if hasattr(self, "smooth_quant") and self.smooth_quant is not None:
-            from .smooth_quant import SmoothQuantConfig
-
             if not isinstance(self.smooth_quant, SmoothQuantConfig):
                 raise ConfigError(f"{name}.smooth_quant must be a pt2q.SmoothQuantConfig or None, "
                                   f"got {type(self.smooth_quant).__name__}")
@@ -206,3 +205,69 @@ def with_field_check(cls):
 StaticQuantConfig = with_field_check(StaticQuantConfig)
 DynamicQuantConfig = with_field_check(DynamicQuantConfig)
 WeightOnlyQuantConfig = with_field_check(WeightOnlyQuantConfig)
+
+
+_CRITERIA = ("min", "max", "mean")
+
+
+@dataclass(kw_only=True)
+class SmoothQuantConfig:
+    """alpha: float in [0, 1]; "auto" (grid search per group on fake-quantized consumer outputs); or a
+        dict {module-name regex | nn.Module class | ATen op: float | "auto" | None} (first matching key
+        wins, other groups use `default_alpha`; None leaves those layers unsmoothed).
+    folding_only: only smooth groups whose producer can absorb the scale (no explicit `mul`).
+    auto_grid: the alphas tried by "auto". auto_criterion: how a group's consumers' best alphas combine.
+    skip_if_worse: leave a group unsmoothed when smoothing raises its consumers' estimated (fake-quant)
+        output error on a calibration sample; the report lists it with both errors.
+    """
+
+    alpha: Any = 0.5
+    default_alpha: float = 0.5
+    folding_only: bool = False
+    auto_grid: tuple = tuple(round(i * 0.1, 2) for i in range(11))
+    auto_criterion: str = "mean"
+    skip_if_worse: bool = True
+
+    def __post_init__(self):
+        try:
+            self.auto_grid = tuple(float(a) for a in self.auto_grid)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"SmoothQuant auto_grid must be alphas in [0, 1], got {self.auto_grid!r}") from error
+        self.validate()
+
+    @staticmethod
+    def _check_alpha_value(value, where: str, allow_none: bool = False) -> None:
+        if value == "auto" or (allow_none and value is None):
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+            raise ConfigError(f"SmoothQuant {where} must be a number in [0, 1] or 'auto', got {value!r}")
+
+    def validate(self) -> None:
+        if isinstance(self.alpha, dict):
+            if not self.alpha:
+                raise ConfigError("SmoothQuant alpha dict is empty")
+            for key, value in self.alpha.items():
+                if not isinstance(key, (str, type, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+                    raise ConfigError(f"SmoothQuant alpha key {key!r} must be a module-name regex, an nn.Module "
+                                      "class or an ATen op")
+                if isinstance(key, str):
+                    try:
+                        re.compile(key)
+                    except re.error as error:
+                        raise ConfigError(f"SmoothQuant alpha key {key!r} is not a valid regex: {error}") from error
+                self._check_alpha_value(value, f"alpha[{key!r}]", allow_none=True)
+        else:
+            self._check_alpha_value(self.alpha, "alpha")
+        self._check_alpha_value(self.default_alpha, "default_alpha", allow_none=True)
+        if self.auto_criterion not in _CRITERIA:
+            raise ConfigError(f"SmoothQuant auto_criterion={self.auto_criterion!r}; valid: {_CRITERIA}")
+        if not self.auto_grid or any(not 0.0 <= a <= 1.0 for a in self.auto_grid):
+            raise ConfigError(f"SmoothQuant auto_grid must be alphas in [0, 1], got {self.auto_grid}")
+
+    @property
+    def needs_samples(self) -> bool:
+        values = self.alpha.values() if isinstance(self.alpha, dict) else [self.alpha]
+        return self.skip_if_worse or any(v == "auto" for v in values)
+
+
+SmoothQuantConfig = with_field_check(SmoothQuantConfig)

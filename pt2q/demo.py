@@ -122,6 +122,17 @@ def timed_cold(function: Callable, *args, **kwargs):
         return timed(function, *args, **kwargs)
 
 
+def demo_model(batch_size: int = 32, seq_len: int = 128, calib_batches: int = 4):
+    """The embedded all-MiniLM-L6-v2 with the demo's calibration text, as a dump-tool model spec
+    (`pt2q dump --model demo`)."""
+    from .debug.pipeline import ModelSpec
+
+    tokenizer, model = load_minilm()
+    calib_texts, _ = textdata.split(calib_batches * batch_size, 0)
+    calib = encode_batches(tokenizer, calib_texts, batch_size, seq_len)
+    return ModelSpec(model, calib[0], calib, "all-MiniLM-L6-v2")
+
+
 @dataclass
 class DemoReport:
     settings: dict

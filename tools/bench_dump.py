@@ -27,7 +27,7 @@ import pt2q  # noqa: E402
 from pt2q import demo  # noqa: E402
 from pt2q.backends import inductor  # noqa: E402
 from pt2q.debug import dump_pipeline  # noqa: E402
-from pt2q.debug.pipeline import demo_model  # noqa: E402
+from pt2q.demo import demo_model  # noqa: E402
 
 
 def _machine() -> dict:

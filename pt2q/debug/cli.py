@@ -75,7 +75,8 @@ class FactoryError(Exception):
 
 
 def load_model(args: argparse.Namespace):
-    from .pipeline import demo_model, load_factory
+    from ..demo import demo_model
+    from .pipeline import load_factory
 
     if args.model == "demo":
         return demo_model(args.batch_size, args.seq_len, args.calib_batches)

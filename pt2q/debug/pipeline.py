@@ -348,17 +348,6 @@ class ModelSpec:
     label: str
 
 
-def demo_model(batch_size: int = 32, seq_len: int = 128, calib_batches: int = 4) -> ModelSpec:
-    """The embedded all-MiniLM-L6-v2 with the demo's calibration text (as `pt2q demo` quantizes it)."""
-    from .. import textdata
-    from ..demo import encode_batches, load_minilm
-
-    tokenizer, model = load_minilm()
-    calib_texts, _ = textdata.split(calib_batches * batch_size, 0)
-    calib = encode_batches(tokenizer, calib_texts, batch_size, seq_len)
-    return ModelSpec(model, calib[0], calib, "all-MiniLM-L6-v2")
-
-
 def load_factory(spec: str) -> ModelSpec:
     """`module:function` or `path/to/file.py:function`. The function returns `(model, example_inputs)`
     or `(model, example_inputs, calib_data)`; without calib_data the example is the one calibration batch."""
