@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 from . import meta
 from .calibration import check_batches_iterable, observers, run_calibration, sized
 from .capture import EXAMPLE_INPUTS_KEY, capture, fresh_copy, normalize_inputs
-from .config import DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig
+from .config import CONFIG_KINDS, DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig, config_class
 from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
 from .graph import own_tensors
 from .isa import detect as detect_isa
@@ -50,8 +50,8 @@ Config = StaticQuantConfig | DynamicQuantConfig | WeightOnlyQuantConfig
 def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, *,
             dynamic_shapes: Any = None) -> GraphModule:
     """Capture `model` (unless it is already a pt2q capture) and insert observers per `config`."""
-    if not isinstance(config, (StaticQuantConfig, DynamicQuantConfig, WeightOnlyQuantConfig)):
-        raise ConfigError(f"config must be a StaticQuantConfig, DynamicQuantConfig or WeightOnlyQuantConfig, "
+    if not isinstance(config, tuple(CONFIG_KINDS.values())):
+        raise ConfigError(f"config must be one of {', '.join(c.__name__ for c in CONFIG_KINDS.values())}, "
                           f"got {type(config).__name__}")
     if isinstance(model, GraphModule) and EXAMPLE_INPUTS_KEY in model.meta:
         graph_module = fresh_copy(model)
@@ -317,8 +317,9 @@ def load(path: str | os.PathLike) -> GraphModule:
     graph_module.meta[QUANTIZED_KEY] = True
     graph_module.meta[meta.SAVED_METADATA] = metadata
     if metadata.get("backend"):
-        kinds = {cls.__name__: cls for cls in (StaticQuantConfig, DynamicQuantConfig, WeightOnlyQuantConfig)}
-        cls = kinds.get(metadata.get("config")) or (DynamicQuantConfig if metadata.get("dynamic") else StaticQuantConfig)
+        recorded = metadata.get("config")
+        cls = config_class(recorded) if recorded else \
+            (DynamicQuantConfig if metadata.get("dynamic") else StaticQuantConfig)
         graph_module.meta[CONFIG_KEY] = cls(backend=metadata["backend"], mixed_bf16=metadata["mixed_bf16"])
     numerics = metadata.get("int8_numerics")
     if numerics:

@@ -38,7 +38,7 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_MODES = ("dynamic", "weight_only", "static")
+_MODES = ("dynamic", "weight_only", "static")  # the kinds of pt2q.config.CONFIG_KINDS
 _OPTIONS = ("mode", "calib_steps", "config", "skip", "smooth_quant", "strict")
 
 
@@ -61,8 +61,9 @@ class BackendOptions:
                 raise ConfigError(f"pt2q backend: unknown option {name!r}{hint}; valid options: {', '.join(_OPTIONS)}")
         parsed = cls(**options)
         if parsed.config is not None and "mode" not in options:
-            parsed.mode = {"StaticQuantConfig": "static", "DynamicQuantConfig": "dynamic",
-                           "WeightOnlyQuantConfig": "weight_only"}.get(type(parsed.config).__name__, parsed.mode)
+            from .config import config_kind
+
+            parsed.mode = config_kind(parsed.config) or parsed.mode
         if parsed.mode not in _MODES:
             raise ConfigError(f"pt2q backend: mode={parsed.mode!r}; valid modes: {', '.join(_MODES)}")
         if not isinstance(parsed.calib_steps, int) or parsed.calib_steps < 1:
@@ -73,11 +74,9 @@ class BackendOptions:
         return parsed
 
     def quant_config(self):
-        from . import config as configs
-        from .smooth_quant import SmoothQuantConfig
+        from .config import CONFIG_KINDS as kinds
+        from .config import SmoothQuantConfig
 
-        kinds = {"static": configs.StaticQuantConfig, "dynamic": configs.DynamicQuantConfig,
-                 "weight_only": configs.WeightOnlyQuantConfig}
         # A copy: the skip / smooth_quant options must not change the user's config object.
         config = copy.deepcopy(self.config) if self.config is not None else kinds[self.mode]()
         if not isinstance(config, kinds[self.mode]):

@@ -206,6 +206,28 @@ StaticQuantConfig = with_field_check(StaticQuantConfig)
 DynamicQuantConfig = with_field_check(DynamicQuantConfig)
 WeightOnlyQuantConfig = with_field_check(WeightOnlyQuantConfig)
 
+# The registry of quantization configs: kind (the compile backend's `mode`) -> class. save/load, the
+# compile backend, the CLI and prepare() look configs up here.
+CONFIG_KINDS: dict[str, type] = {
+    "static": StaticQuantConfig,
+    "dynamic": DynamicQuantConfig,
+    "weight_only": WeightOnlyQuantConfig,
+}
+
+
+def config_kind(config) -> str | None:
+    """The registry kind of a config object, or None when it is not a quantization config."""
+    return next((kind for kind, cls in CONFIG_KINDS.items() if type(config) is cls), None)
+
+
+def config_class(name: str) -> type:
+    """A config class by kind ("static") or class name ("StaticQuantConfig")."""
+    for kind, cls in CONFIG_KINDS.items():
+        if name in (kind, cls.__name__):
+            return cls
+    names = [f"{kind} ({cls.__name__})" for kind, cls in CONFIG_KINDS.items()]
+    raise ConfigError(f"unknown quantization config {name!r}; known: {', '.join(names)}")
+
 
 _CRITERIA = ("min", "max", "mean")
 

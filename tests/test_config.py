@@ -256,3 +256,18 @@ def test_name_rule_matches_whole_names_only():
     qmodel = pt2q.quantize(model, StaticQuantConfig().set_local(r"(.*\.)?fc", None), [(torch.randn(2, 8),)],
                            progress=False)
     assert sorted(fp32_weighted_layers(qmodel)) == ["block.fc.weight", "fc.weight"]
+
+
+# -- the registry of configs ---------------------------------------------------------------------------
+def test_registry_names_every_config_kind_once():
+    from pt2q import compile as backend
+    from pt2q.config import CONFIG_KINDS, config_class, config_kind
+
+    assert set(CONFIG_KINDS) == set(backend._MODES)  # the compile backend's modes are the registry's kinds
+    for kind, cls in CONFIG_KINDS.items():
+        assert config_class(kind) is cls and config_class(cls.__name__) is cls
+        assert config_kind(cls()) == kind
+    assert config_kind(pt2q.SmoothQuantConfig()) is None
+    with pytest.raises(ConfigError, match=r"unknown quantization config 'FP8Config'; known: static "
+                                          r"\(StaticQuantConfig\), dynamic \(DynamicQuantConfig\)"):
+        config_class("FP8Config")

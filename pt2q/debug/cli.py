@@ -55,19 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from .. import config as configs
-    from ..smooth_quant import SmoothQuantConfig
+    from ..config import CONFIG_KINDS, SmoothQuantConfig
 
-    if args.dynamic:
-        return configs.DynamicQuantConfig(backend=args.backend)
-    if args.weight_only:
-        return configs.WeightOnlyQuantConfig(backend=args.backend)
+    kind = "dynamic" if args.dynamic else "weight_only" if args.weight_only else "static"
     options = {"backend": args.backend}
-    if args.observer:
+    if kind == "static" and args.observer:
         options["activation_observer"] = args.observer
-    if args.smooth_quant is not None:
+    if kind == "static" and args.smooth_quant is not None:
         options["smooth_quant"] = SmoothQuantConfig(alpha=args.smooth_quant)
-    return configs.StaticQuantConfig(**options)
+    return CONFIG_KINDS[kind](**options)
 
 
 class FactoryError(Exception):
