@@ -51,8 +51,8 @@ def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, 
             dynamic_shapes: Any = None) -> GraphModule:
     """Capture `model` (unless it is already a pt2q capture) and insert observers per `config`."""
     if not isinstance(config, tuple(CONFIG_KINDS.values())):
-        raise ConfigError(f"config must be one of {', '.join(c.__name__ for c in CONFIG_KINDS.values())}, "
-                          f"got {type(config).__name__}")
+        names = [cls.__name__ for cls in CONFIG_KINDS.values()]
+        raise ConfigError(f"config must be a {', '.join(names[:-1])} or {names[-1]}, got {type(config).__name__}")
     if isinstance(model, GraphModule) and EXAMPLE_INPUTS_KEY in model.meta:
         graph_module = fresh_copy(model)
     else:
