@@ -310,9 +310,8 @@ def load(path: str | os.PathLike) -> GraphModule:
     where = _where(path)
     metadata = _read_metadata(data, where)
     vet(data, where, metadata.get("output_types", []))
-    extra = {"pt2q.json": ""}
     # Load the bytes that were checked (not the path again, which could have changed meanwhile).
-    exported = torch.export.load(io.BytesIO(data), extra_files=extra)
+    exported = torch.export.load(io.BytesIO(data))
     graph_module = exported.module()
     graph_module.meta[QUANTIZED_KEY] = True
     graph_module.meta[meta.SAVED_METADATA] = metadata

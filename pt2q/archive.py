@@ -195,8 +195,9 @@ _WRITTEN_BY_SAVE = re.compile(r"archive_format|archive_version|byteorder|\.data/
                               r"extra/[\w.]+")
 
 
-def _check_pickle_free(data: bytes, where: str) -> None:
-    """`save` writes no pickled object: weights are raw bytes, sample inputs plain tensors."""
+def _check_members(data: bytes, where: str) -> None:
+    """Only members `save` writes, and no pickled object among them: weights are raw bytes, sample
+    inputs plain tensors."""
     from torch.export.pt2_archive import constants as pt2
     from torch.export.pt2_archive._package import PT2ArchiveReader
 
@@ -269,7 +270,7 @@ def vet(data: bytes, where: str, output_types: list[str]) -> None:
     """Refuse (Pt2qError) an archive torch.export.load could run code from. `output_types`: the output
     container types pt2q.save recorded, registered here (allow-listed modules only) before the check."""
     archive = _check_zip(data, where)
-    _check_pickle_free(data, where)
+    _check_members(data, where)
     register_output_types(output_types, where)
     allowed_types = registered_type_names()
     for info in archive.infolist():

@@ -285,8 +285,8 @@ class _SubgraphDispatch:
             return identity, ()
         return identity, tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in inputs)
 
-    def add(self, inputs, build) -> None:
-        key = self.key(inputs)
+    def add(self, inputs, build, key: tuple | None = None) -> None:
+        key = self.key(inputs) if key is None else key
         self.builds[key] = build
         for position in self.frozen_positions:
             weakref.finalize(inputs[position], self.builds.pop, key, None)
@@ -299,7 +299,8 @@ class _SubgraphDispatch:
         return self._fallback
 
     def __call__(self, *inputs):
-        build = self.builds.get(self.key(inputs), _MISSING)
+        key = self.key(inputs)
+        build = self.builds.get(key, _MISSING)
         if build is _MISSING:
             try:
                 with _LOCK:
@@ -308,10 +309,10 @@ class _SubgraphDispatch:
                 if self.options.strict:
                     raise
                 log.warning("pt2q backend: inputs %s run on plain Inductor (not quantized): %s: %s",
-                            self.key(inputs)[1] or "of another model", type(error).__name__,
+                            key[1] or "of another model", type(error).__name__,
                             str(error).splitlines()[0] if str(error) else "")
                 build = None
-            self.add(inputs, build)
+            self.add(inputs, build, key)
         return (build or self.fallback(inputs))(*inputs)
 
 
