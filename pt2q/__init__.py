@@ -7,7 +7,8 @@ _logging.getLogger("torchao").setLevel(_logging.ERROR)
 from . import isa  # noqa: E402,F401 - pt2q.isa.detect(): what this CPU's int8/bf16 kernels can do
 from .api import calibrate, convert, count_quantized_layers, load, prepare, quantize, save  # noqa: E402
 from .capture import capture  # noqa: E402
-from .config import DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig  # noqa: E402
+from .config import (AWQConfig, DynamicQuantConfig, GPTQConfig, RTNConfig, StaticQuantConfig,  # noqa: E402
+                     WeightOnlyQuantConfig)
 from .errors import CalibrationError, CaptureError, ConfigError, NotPreparedError, Pt2qError  # noqa: E402
 from .quantizers import X86Quantizer, XPUQuantizer  # noqa: E402
 from .smooth_quant import SmoothQuantConfig, smooth_quant  # noqa: E402
@@ -15,7 +16,7 @@ from .smooth_quant import SmoothQuantConfig, smooth_quant  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationError", "CaptureError", "ConfigError", "DynamicQuantConfig", "NotPreparedError", "Pt2qError",
+    "AWQConfig", "GPTQConfig", "RTNConfig", "CalibrationError", "CaptureError", "ConfigError", "DynamicQuantConfig", "NotPreparedError", "Pt2qError",
     "SmoothQuantConfig", "StaticQuantConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
     "count_quantized_layers", "load", "prepare", "quantize", "save", "smooth_quant",
 ]

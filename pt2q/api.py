@@ -23,7 +23,8 @@ from torch.fx import GraphModule
 from . import meta
 from .calibration import check_batches_iterable, observers, run_calibration, sized
 from .capture import EXAMPLE_INPUTS_KEY, capture, fresh_copy, normalize_inputs
-from .config import CONFIG_KINDS, DynamicQuantConfig, StaticQuantConfig, WeightOnlyQuantConfig, config_class
+from .config import (CONFIG_KINDS, AWQConfig, DynamicQuantConfig, GPTQConfig, RTNConfig, StaticQuantConfig,
+                     WeightOnlyQuantConfig, config_class)
 from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
 from .graph import own_tensors
 from .isa import detect as detect_isa
@@ -44,7 +45,13 @@ SMOOTH_QUANT_REPORT_KEY = meta.SMOOTH_QUANT_REPORT
 INT8_NUMERICS_KEY = meta.INT8_NUMERICS
 _SAVE_FORMAT = 1
 
-Config = StaticQuantConfig | DynamicQuantConfig | WeightOnlyQuantConfig
+Config = StaticQuantConfig | DynamicQuantConfig | RTNConfig | GPTQConfig | AWQConfig
+WEIGHT_ONLY_PLAN_KEY = meta.WEIGHT_ONLY_PLAN
+WEIGHT_ONLY_REPORT_KEY = meta.WEIGHT_ONLY_REPORT
+
+
+def _is_weight_only(config) -> bool:
+    return getattr(config, "family", None) == "weight_only"
 
 
 def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, *,
@@ -65,6 +72,13 @@ def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, 
     # the other, and a buffer the model updates in forward would be advanced by both).
     own_tensors(graph_module)
     _warn_unmatched_name_rules(config, graph_module)
+    if _is_weight_only(config):
+        from . import weight_only
+
+        graph_module.meta[WEIGHT_ONLY_PLAN_KEY] = weight_only.plan(graph_module, config)
+        graph_module.meta[CONFIG_KEY] = config
+        graph_module.meta[PREPARED_KEY] = True
+        return graph_module
     smooth_quant_plan = None
     if getattr(config, "smooth_quant", None) is not None:
         from .smooth_quant import insert as insert_smooth_quant
@@ -120,6 +134,13 @@ def calibrate(prepared: GraphModule, calib_data: Iterable, *, progress: bool = T
     _check_not_converted(prepared, "calibrate()")
     if not prepared.meta.get(PREPARED_KEY):
         raise NotPreparedError("calibrate() takes the model returned by pt2q.prepare()")
+    plan = prepared.meta.get(WEIGHT_ONLY_PLAN_KEY)
+    if plan is not None:
+        from . import weight_only
+
+        batches = list(calib_data)
+        weight_only.calibrate(prepared, plan, batches, progress=progress)
+        return min(len(batches), getattr(plan.config, "n_samples", len(batches)))
     return run_calibration(prepared, calib_data, progress=progress)
 
 
@@ -151,6 +172,8 @@ def convert(prepared: GraphModule) -> GraphModule:
     """Turn a calibrated observed model into a Q/DQ GraphModule (torchao's `convert_pt2e`). This consumes
     `prepared`: calibrating or converting it again raises NotPreparedError."""
     _check_not_converted(prepared, "convert()")
+    if isinstance(prepared, GraphModule) and prepared.meta.get(WEIGHT_ONLY_PLAN_KEY) is not None:
+        return _convert_weight_only(prepared)
     if not isinstance(prepared, GraphModule) or not (observers(prepared) or prepared.meta.get(PREPARED_KEY)):
         raise NotPreparedError(
             f"convert() takes a model returned by pt2q.prepare() (or torchao prepare_pt2e) and calibrated; "
@@ -177,6 +200,20 @@ def convert(prepared: GraphModule) -> GraphModule:
     quantized.meta.pop(CONVERTED_KEY, None)
     quantized.meta[QUANTIZED_KEY] = True
     return quantized
+
+
+def _convert_weight_only(prepared: GraphModule) -> GraphModule:
+    """Weight-only convert: pack every planned layer in place (the prepared graph becomes the quantized one)."""
+    from . import weight_only
+
+    plan = prepared.meta[WEIGHT_ONLY_PLAN_KEY]
+    report = weight_only.apply(prepared, plan)
+    log.info("%s", report.summary())
+    del prepared.meta[WEIGHT_ONLY_PLAN_KEY]
+    prepared.meta.pop(PREPARED_KEY, None)
+    prepared.meta[WEIGHT_ONLY_REPORT_KEY] = report
+    prepared.meta[QUANTIZED_KEY] = True
+    return prepared
 
 
 def quantize(model: torch.nn.Module, config: Config, calib_data: Iterable | None = None, *,
@@ -214,6 +251,9 @@ def split_calibration_data(config: Config, calib_data: Iterable | None, example_
             calib_data = _WithLength(calib_data, total)
         example_inputs = first if example_inputs is None else example_inputs
     elif getattr(config, "needs_calibration", True):
+        if _is_weight_only(config):
+            raise CalibrationError(f"{type(config).__name__} needs calib_data (an iterable of input batches): it "
+                                   "calibrates block by block; RTNConfig quantizes without calibration")
         raise CalibrationError("static quantization needs calib_data (an iterable of input batches); "
                                "use DynamicQuantConfig to quantize without calibration")
     if example_inputs is None:
@@ -300,6 +340,8 @@ def load(path: str | os.PathLike) -> GraphModule:
     would run code from (pickles, expressions, guards, targets, unknown types) is refused with a Pt2qError."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers the quantized_decomposed ops
 
+    from . import ops  # noqa: F401 - registers pt2q::dequantize_weight
+
     from .archive import vet
 
     if hasattr(path, "read"):
@@ -330,11 +372,13 @@ def load(path: str | os.PathLike) -> GraphModule:
 
 
 def count_quantized_layers(qmodel: GraphModule) -> int:
-    """Number of weighted layers (linear/conv) whose weight is dequantized from int8 in the graph."""
+    """Number of weighted layers (linear/conv) whose weight is dequantized from integers in the graph
+    (int8 Q/DQ, or pt2q's packed weight-only form)."""
+    from .ops import DEQUANTIZE_WEIGHT
     from .quantizers import weighted_ops
 
     dequant_ops = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
-                   torch.ops.quantized_decomposed.dequantize_per_tensor.default}
+                   torch.ops.quantized_decomposed.dequantize_per_tensor.default, DEQUANTIZE_WEIGHT}
     return sum(1 for node in qmodel.graph.nodes
                if node.target in weighted_ops() and len(node.args) > 1
                and getattr(node.args[1], "target", None) in dequant_ops)

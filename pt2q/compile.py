@@ -4,6 +4,7 @@ Registered through the `torch_dynamo_backends` entry point, so it works without 
 
 Options:
   mode          "dynamic" (default; int8 dynamic, no calibration), "weight_only" (int8 RTN weights),
+                "rtn" (RTNConfig: 4-bit weights, groups of 32, unless `config` says otherwise),
                 "static" (the first `calib_steps` calls run with observers and return fp32 results,
                 then the subgraph is converted and every later call runs int8).
   calib_steps   calls used for static calibration (default 8).
@@ -38,7 +39,9 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_MODES = ("dynamic", "weight_only", "static")  # the kinds of pt2q.config.CONFIG_KINDS
+# The kinds of pt2q.config.CONFIG_KINDS that quantize a subgraph on its own; GPTQ and AWQ calibrate a
+# whole model block by block, which a Dynamo subgraph (graph breaks, recompiles) is not.
+_MODES = ("dynamic", "weight_only", "static", "rtn")
 _OPTIONS = ("mode", "calib_steps", "config", "skip", "smooth_quant", "strict")
 
 
@@ -64,6 +67,10 @@ class BackendOptions:
             from .config import config_kind
 
             parsed.mode = config_kind(parsed.config) or parsed.mode
+        if parsed.mode in ("gptq", "awq"):
+            raise ConfigError(f"pt2q backend: {parsed.mode.upper()} calibrates a whole model block by block and "
+                              "cannot run per Dynamo subgraph: quantize with pt2q.quantize(model, config, calib_data) "
+                              "and compile the result with pt2q.backends.inductor.compile, or use mode='rtn'")
         if parsed.mode not in _MODES:
             raise ConfigError(f"pt2q backend: mode={parsed.mode!r}; valid modes: {', '.join(_MODES)}")
         if not isinstance(parsed.calib_steps, int) or parsed.calib_steps < 1:

@@ -177,17 +177,6 @@ class DynamicQuantConfig(_UncalibratedConfig):
                                             saturation_guard=self.saturation_guard)
 
 
-@dataclass(init=True)
-class WeightOnlyQuantConfig(_UncalibratedConfig):
-    """Weight-only int8 (round to nearest, symmetric per output channel); activations stay fp32.
-    No calibration data needed."""
-
-    is_dynamic = False
-
-    def scheme(self, quantizer_cls):
-        return quantizer_cls.weight_only_scheme(per_channel=self.weight_granularity == "per_channel")
-
-
 def with_field_check(cls):
     """Wrap a config dataclass's generated __init__ so an unknown field raises a ConfigError that
     lists the valid fields (instead of a bare TypeError)."""
@@ -202,16 +191,192 @@ def with_field_check(cls):
     return cls
 
 
+_WEIGHT_DTYPES = ("int", "nf4", "fp4")
+
+
+class _WeightOnlyConfig:
+    """Weight-only quantization: linear weights stored as packed low-bit integers with per-group scales
+    (pt2q.ops), activations stay float. Fields shared by every weight-only algorithm:
+
+    bits: 2..8. group_size: input columns per scale (-1: one scale per output channel); a last, shorter
+        group is zero padded. sym: symmetric (zero point 2**(bits-1)) or asymmetric (a zero point per group).
+    dtype: "int", or the 4-bit code tables "nf4" / "fp4" (E2M1), both symmetric.
+    group_dim: 1 (groups along the input dimension, the usual layout) or 0 (along the output dimension).
+
+    `set_local(regex | nn.Module class, config | None)` gives layers another weight-only config (e.g. 8
+    bits for `down_proj`) or keeps them float (None). An LM head (a linear named `lm_head` / `embed_out`,
+    or one whose weight is tied to an embedding) stays float unless a rule names it.
+    """
+
+    is_dynamic = False
+    family = "weight_only"
+    sequential = False      # calibrated block by block (GPTQ, AWQ) rather than not at all (RTN)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"{name}.bits={self.bits!r} is not valid; valid: an integer from 2 to 8")
+        if self.dtype not in _WEIGHT_DTYPES:
+            raise ConfigError(f"{name}.dtype={self.dtype!r} is not valid; valid: {', '.join(map(repr, _WEIGHT_DTYPES))}")
+        if self.dtype != "int" and (self.bits != 4 or not self.sym):
+            raise ConfigError(f"{name}.dtype={self.dtype!r} is a symmetric 4-bit code table: use bits=4, sym=True "
+                              f"(got bits={self.bits}, sym={self.sym})")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or \
+                not (self.group_size == -1 or self.group_size >= 1):
+            raise ConfigError(f"{name}.group_size={self.group_size!r} is not valid; valid: -1 (per output channel) "
+                              "or a positive number of input columns, e.g. 32 or 128")
+        if self.group_dim not in (0, 1) or isinstance(self.group_dim, bool):
+            raise ConfigError(f"{name}.group_dim={self.group_dim!r} is not valid; valid: 1 (input dim) or 0 (output dim)")
+        for flag in ("sym", *self._flags):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{name}.{flag} must be True or False, got {getattr(self, flag)!r}")
+        for field_name, (low, high, what) in self._ranges.items():
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+                raise ConfigError(f"{name}.{field_name}={value!r} is not valid; valid: {what}")
+
+    _flags: tuple = ()
+    _ranges: dict = {}
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.sequential
+
+    def weight_format(self):
+        from .algorithms.rtn import WeightFormat
+
+        return WeightFormat(bits=self.bits, group_size=self.group_size, sym=self.sym, dtype=self.dtype,
+                            full_range=getattr(self, "full_range", False), group_dim=self.group_dim)
+
+    def set_local(self, target: Any, config: "_WeightOnlyConfig | None"):
+        """Another weight-only config (or None: keep float) for a module-name regex or nn.Module class."""
+        if not isinstance(target, (str, type)):
+            raise ConfigError(f"set_local target must be a module-name regex or an nn.Module class; got {target!r}")
+        if isinstance(target, type) and not issubclass(target, torch.nn.Module):
+            raise ConfigError(f"set_local target class {target.__name__} is not an nn.Module subclass")
+        if isinstance(target, str):
+            try:
+                re.compile(target)
+            except re.error as error:
+                raise ConfigError(f"set_local({target!r}): not a valid regex: {error}") from error
+        if config is not None and not isinstance(config, _WeightOnlyConfig):
+            raise ConfigError(f"set_local({target!r}): a weight-only config takes RTNConfig, GPTQConfig, AWQConfig "
+                              f"or None per layer; got {type(config).__name__}")
+        self.local_rules.append((target, config))
+        return self
+
+
+@dataclass(kw_only=True)
+class RTNConfig(_WeightOnlyConfig):
+    """Round to nearest, no calibration data. quantile: clip factor on each group's range (1.0: none).
+    mse_clip: per group, the clip factor in 1 - i/200 (i < 40) with the least squared error.
+    full_range: symmetric int uses code -2**(bits-1) too (the group's largest magnitude maps to it)."""
+
+    bits: int = 4
+    group_size: int = 32
+    sym: bool = True
+    dtype: str = "int"
+    full_range: bool = False
+    quantile: float = 1.0
+    mse_clip: bool = False
+    group_dim: int = 1
+    local_rules: list = field(default_factory=list, repr=False, init=False)
+
+    _flags = ("full_range", "mse_clip")
+    _ranges = {"quantile": (1e-3, 1.0, "a clip factor in (0, 1]")}
+
+
+@dataclass(kw_only=True)
+class WeightOnlyQuantConfig(RTNConfig):
+    """int8 weights, one scale per output channel: RTNConfig with bits=8, group_size=-1 as defaults
+    (the historical name; the same code path)."""
+
+    bits: int = 8
+    group_size: int = -1
+
+
+@dataclass(kw_only=True)
+class GPTQConfig(_WeightOnlyConfig):
+    """GPTQ: columns quantized left to right, each one's error spread over the columns not yet quantized
+    through the inverse Hessian of the layer's inputs (`H = 2/n sum x x^T`), transformer block by block.
+
+    block_size: columns per lazy-update block. percdamp: damping, a fraction of mean(diag H).
+    act_order: quantize columns by descending diag(H) (groups then stay in the stored column order, fixed
+        from the unquantized weight as with static_groups: the graph form has no per-column group index).
+    static_groups: group scales from the unquantized weight, before any error propagation.
+    true_sequential: within a block, layers fed by the outputs of already quantized layers are calibrated
+        after them (q/k/v, then o, then gate/up, then down in a LLaMA block).
+    n_samples: calibration batches used (the first n of calib_data).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    dtype: str = "int"
+    block_size: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    n_samples: int = 128
+    group_dim: int = 1
+    local_rules: list = field(default_factory=list, repr=False, init=False)
+
+    sequential = True
+    _flags = ("act_order", "static_groups", "true_sequential")
+    _ranges = {"percdamp": (0.0, 1.0, "a fraction in [0, 1]"), "block_size": (1, 1 << 20, "a positive integer"),
+               "n_samples": (1, 1 << 30, "a positive number of batches")}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.group_dim != 1:
+            raise ConfigError("GPTQConfig.group_dim must be 1: GPTQ propagates errors along the input dimension")
+        for name in ("block_size", "n_samples"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"GPTQConfig.{name} must be an integer, got {getattr(self, name)!r}")
+
+
+@dataclass(kw_only=True)
+class AWQConfig(_WeightOnlyConfig):
+    """AWQ: per group of layers sharing an input, scales `s = mean|x|^r / mean|W|^(1-r)` searched over r
+    (and s = 1) for the least output error after quantization, folded into the producer (auto_scale);
+    then per-layer clipping of each group's range searched over 1 - i/100, i < 10 (auto_clip).
+    Block by block, like GPTQ. n_samples: calibration batches used."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    dtype: str = "int"
+    auto_scale: bool = True
+    auto_clip: bool = True
+    n_samples: int = 128
+    group_dim: int = 1
+    local_rules: list = field(default_factory=list, repr=False, init=False)
+
+    sequential = True
+    _flags = ("auto_scale", "auto_clip")
+    _ranges = {"n_samples": (1, 1 << 30, "a positive number of batches")}
+
+
 StaticQuantConfig = with_field_check(StaticQuantConfig)
 DynamicQuantConfig = with_field_check(DynamicQuantConfig)
+RTNConfig = with_field_check(RTNConfig)
 WeightOnlyQuantConfig = with_field_check(WeightOnlyQuantConfig)
+GPTQConfig = with_field_check(GPTQConfig)
+AWQConfig = with_field_check(AWQConfig)
 
 # The registry of quantization configs: kind (the compile backend's `mode`) -> class. save/load, the
 # compile backend, the CLI and prepare() look configs up here.
 CONFIG_KINDS: dict[str, type] = {
     "static": StaticQuantConfig,
     "dynamic": DynamicQuantConfig,
-    "weight_only": WeightOnlyQuantConfig,
+    "weight_only": WeightOnlyQuantConfig,  # RTNConfig with int8 per-channel defaults
+    "rtn": RTNConfig,
+    "gptq": GPTQConfig,
+    "awq": AWQConfig,
 }
 
 

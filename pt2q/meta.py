@@ -13,7 +13,10 @@ SMOOTH_QUANT_PLAN = "pt2q_smooth_quant_plan"  # SmoothQuant groups and recorders
 SMOOTH_QUANT_REPORT = "pt2q_smooth_quant_report"  # what SmoothQuant did (scales, skipped groups)
 INT8_NUMERICS = "pt2q_int8_numerics"          # saturation guard chosen, per-op guards and the ISA (pt2q.isa)
 SAVED_METADATA = "pt2q_saved_metadata"        # pt2q's metadata read back by load()
+WEIGHT_ONLY_PLAN = "pt2q_weight_only_plan"    # layers to quantize and, once calibrated, their quantized weights
+WEIGHT_ONLY_REPORT = "pt2q_weight_only_report"  # what weight-only quantization did, per layer
 
 # -- Node.meta ---------------------------------------------------------------------------------------------
 ANNOTATION = "quantization_annotation"        # torchao's annotation key (read by prepare_pt2e)
 SCHEME = "pt2q_scheme"                        # the QuantScheme a quantized op was annotated with
+WEIGHT_FORMAT = "pt2q_weight_format"          # the WeightFormat of a pt2q.dequantize_weight node

@@ -236,7 +236,7 @@ def test_prepare_without_example_inputs(model):
 
 
 def test_prepare_rejects_non_config(model):
-    with pytest.raises(ConfigError, match="StaticQuantConfig, DynamicQuantConfig or WeightOnlyQuantConfig.*dict"):
+    with pytest.raises(ConfigError, match="StaticQuantConfig, DynamicQuantConfig, WeightOnlyQuantConfig, RTNConfig, GPTQConfig or AWQConfig.*dict"):
         pt2q.prepare(model, {"backend": "x86"}, _batch())
 
 

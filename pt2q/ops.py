@@ -1,0 +1,104 @@
+"""pt2q's graph op for weight-only quantization: packed low-bit integers -> float weight.
+
+    weight = pt2q.dequantize_weight(packed, scale, zero_point, code_table, bits, group_size, shape, group_dim)
+    out = aten.linear(x, weight, bias)
+
+A quantized weight lives in the graph as three or four constants feeding this one op, which feeds the
+original `linear`; the graph stays an ordinary exportable, savable FX graph, and backends replace the pair
+with a kernel (`pt2q.backends.inductor`).
+
+Layout. The weight is viewed in its *grouped orientation*: `[rows, cols]` = `[shape[0], prod(shape[1:])]`
+when `group_dim == 1` (groups run along the input dimension, the usual case; a conv's input channels and
+kernel taps flattened) and the 2-D `shape` transposed when `group_dim == 0`.
+`cols` is padded with zeros to a whole number of groups (and of 8 codes); groups of `group_size`
+consecutive columns share a scale (`group_size == -1`: one group per row).
+- `packed` (uint8, `[rows, padded_cols * bits / 8]`): unsigned codes in `[0, 2**bits)`. Every 8
+  consecutive codes of a row fill `bits` bytes, least significant bits first, so 4-bit codes are two per
+  byte (low nibble first), 2-bit four per byte, 8-bit one per byte, 3-bit 8 codes in 3 bytes.
+- `scale` (float32, `[rows, groups]`).
+- `zero_point` (uint8, `[rows, groups]`) or None: integer codes dequantize as `(code - zero_point) * scale`;
+  None means symmetric, zero point `2**(bits-1)`.
+- `code_table` (float32, `[2**bits]`) or None: codes index the table instead (NF4 / FP4): `table[code] * scale`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["dequantize_weight", "pack_codes", "unpack_codes", "packed_columns", "padded_columns"]
+
+
+def padded_columns(cols: int, group_size: int) -> int:
+    """Columns after padding to whole groups and to a multiple of 8 codes (the packing unit)."""
+    group = cols if group_size == -1 else group_size
+    cols = -(-cols // group) * group
+    return -(-cols // 8) * 8
+
+
+def packed_columns(padded: int, bits: int) -> int:
+    return padded // 8 * bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned integer codes `[rows, cols]` (cols a multiple of 8, values < 2**bits) into uint8."""
+    rows, cols = codes.shape
+    if cols % 8:
+        raise ValueError(f"pack_codes: {cols} columns is not a multiple of 8")
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    units = codes.to(torch.int64).reshape(rows, cols // 8, 8)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    words = (units << shifts).sum(-1)                                   # 8 codes in 8*bits <= 64 bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    packed = (words.unsqueeze(-1) >> byte_shifts) & 0xFF
+    return packed.reshape(rows, cols // 8 * bits).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 `[rows, cols * bits / 8]` -> int64 codes `[rows, cols]`."""
+    rows = packed.shape[0]
+    if bits == 8:
+        return packed.to(torch.int64)
+    units = packed.to(torch.int64).reshape(rows, -1, bits)
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    words = (units << byte_shifts).sum(-1)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(rows, -1)
+
+
+def dequantize_grouped(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                       code_table: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    """Float values `[rows, groups * group_size]` from codes in the grouped orientation (the op's arithmetic)."""
+    group = codes.shape[1] if group_size == -1 else group_size
+    # Columns past the last whole group are packing padding (beyond the real columns): dropped.
+    codes = codes[:, :scale.shape[1] * group]
+    if code_table is not None:
+        values = code_table.to(torch.float32)[codes]
+    else:
+        zero = (torch.full_like(scale, 1 << (bits - 1), dtype=torch.int64) if zero_point is None
+                else zero_point.to(torch.int64))
+        values = (codes - zero.repeat_interleave(group, dim=1)).to(torch.float32)
+    scales = scale.to(torch.float32).repeat_interleave(group, dim=1)
+    return values * scales
+
+
+@torch.library.custom_op("pt2q::dequantize_weight", mutates_args=())
+def dequantize_weight(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                      code_table: torch.Tensor | None, bits: int, group_size: int, shape: list[int],
+                      group_dim: int) -> torch.Tensor:
+    """The float32 weight of `shape` (2-D, or a conv's) encoded by the packed codes (see the module docstring)."""
+    codes = unpack_codes(packed, bits)
+    values = dequantize_grouped(codes, scale, zero_point, code_table, bits, group_size)
+    if group_dim == 0:
+        return values[:shape[1], :shape[0]].t().contiguous()
+    return values[:, :math.prod(shape[1:])].reshape(shape).contiguous()
+
+
+@dequantize_weight.register_fake
+def _(packed, scale, zero_point, code_table, bits, group_size, shape, group_dim):
+    return packed.new_empty(list(shape), dtype=torch.float32)
+
+
+DEQUANTIZE_WEIGHT = torch.ops.pt2q.dequantize_weight.default

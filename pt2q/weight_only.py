@@ -1,0 +1,265 @@
+"""Weight-only quantization of a captured graph: plan -> calibrate -> apply, for every algorithm.
+
+- `plan(graph_module, config)` finds the linears to quantize (constant 2-D weights; `set_local` rules; an
+  LM head / tied embedding stays float unless a rule names it) and checks each layer's format against its
+  shape. Nothing in the graph changes yet.
+- `calibrate(graph_module, plan, calib_data)` runs the sequential algorithms (GPTQ, AWQ) block by block on
+  the captured graph (pt2q.blockwise): each block sees the quantized outputs of the blocks before it, and
+  its layers' recorders (GPTQ's Hessians, AWQ's activation statistics) live only while it is processed.
+- `apply(graph_module, plan)` quantizes what is left with round-to-nearest and writes every weight in its
+  packed graph form (passes/pack_weights.py). Returns a `WeightOnlyReport`.
+
+Each algorithm is one module of `pt2q.algorithms`; what it does to one block is a function in
+`BLOCK_ALGORITHMS` below.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .algorithms.rtn import QuantizedWeight, WeightFormat, rtn_quantize
+from .errors import CalibrationError, ConfigError
+from .graph import class_path, get_constant, module_fqn, module_stack
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+# Linears kept float unless a set_local rule names them: the output head of a language model.
+LM_HEAD_NAMES = re.compile(r"(?:^|.*\.)(?:lm_head|embed_out)")
+# The weighted ops whose weight (argument 1) is quantized: linear, and convs (groups along in * kernel).
+WEIGHTED_OPS = frozenset({aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding})
+
+
+@dataclass
+class Layer:
+    """One linear (or conv) to quantize: its node, module name, weight constant and the config it gets."""
+
+    node: str
+    module: str
+    weight: str
+    config: object
+    fmt: WeightFormat
+    shape: tuple[int, ...]
+
+
+@dataclass
+class WeightOnlyPlan:
+    config: object
+    layers: dict[str, Layer]
+    kept_float: dict[str, str]                        # node name -> why it stays float
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    calibrated: bool = False
+    calibration_seconds: float = 0.0
+
+
+@dataclass
+class WeightOnlyReport:
+    """Per quantized layer: algorithm, bits, group size; the layers kept float and why; byte counts."""
+
+    layers: dict[str, dict]
+    kept_float: dict[str, str]
+    float_bytes: int
+    packed_bytes: int
+    calibration_seconds: float
+
+    def summary(self) -> str:
+        ratio = self.float_bytes / max(self.packed_bytes, 1)
+        return (f"weight-only: {len(self.layers)} linears quantized ({self.float_bytes / 2**20:.1f} MiB float -> "
+                f"{self.packed_bytes / 2**20:.1f} MiB packed, {ratio:.1f}x), {len(self.kept_float)} kept float")
+
+
+def _algorithm(config) -> str:
+    return type(config).__name__.removesuffix("Config").lower().replace("weightonlyquant", "rtn")
+
+
+def _rule_config(config, node: Node):
+    """(matched, config) for `node` from config.local_rules: name rules beat class rules, later beat earlier."""
+    stack = module_stack(node)
+    found, matched = None, False
+    for target, local in config.local_rules:
+        if isinstance(target, str) and any(re.fullmatch(target, fqn) for fqn, _ in stack):
+            found, matched = local, True
+    if matched:
+        return True, found
+    classes = {cls for _, cls in stack}
+    for target, local in config.local_rules:
+        if isinstance(target, type) and class_path(target) in classes:
+            found, matched = local, True
+    return matched, found
+
+
+def _tied_to_embedding(gm: GraphModule) -> set[int]:
+    """ids of tensors an embedding lookup reads: a linear sharing one is a tied LM head."""
+    tied = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.embedding.default:
+            table = get_constant(gm, node.args[0])
+            if table is not None:
+                tied.add(id(table))
+    return tied
+
+
+def plan(graph_module: GraphModule, config) -> WeightOnlyPlan:
+    """Find the layers `config` quantizes in `graph_module` (see the module docstring)."""
+    from .passes.manager import PassManager
+    from .passes.matmul_to_linear import MatmulToLinear
+
+    config.validate()
+    for _, local in config.local_rules:
+        if local is not None:
+            local.validate()
+    PassManager([MatmulToLinear()])(graph_module)
+    tied = _tied_to_embedding(graph_module)
+    layers, kept = {}, {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or node.target not in WEIGHTED_OPS:
+            continue
+        weight = get_constant(graph_module, node.args[1])
+        fqn = module_fqn(node) or node.name
+        if weight is None or not weight.dtype.is_floating_point:
+            kept[node.name] = "weight is not a constant float tensor"
+            continue
+        if weight.dim() != 2 and config.group_dim == 0:
+            kept[node.name] = "group_dim=0 applies to 2-D (linear) weights only"
+            continue
+        matched, local = _rule_config(config, node)
+        if matched and local is None:
+            kept[node.name] = "set_local(..., None)"
+            continue
+        if not matched and (LM_HEAD_NAMES.fullmatch(fqn) or id(weight) in tied):
+            kept[node.name] = "LM head / tied embedding (name it in set_local to quantize it)"
+            continue
+        layer_config = local if matched else config
+        fmt = layer_config.weight_format()
+        columns = weight[0].numel() if fmt.group_dim == 1 else weight.shape[0]
+        if fmt.group_size != -1 and fmt.group_size > columns:
+            raise ConfigError(f"{type(layer_config).__name__}.group_size={fmt.group_size} is larger than layer "
+                              f"{fqn!r}'s {columns} {'input' if fmt.group_dim == 1 else 'output'} channels: use a "
+                              f"group size <= {columns}, -1 (per channel), or set_local({fqn!r}, ...) for this layer")
+        if _algorithm(layer_config) != "rtn" and node.target is not aten.linear.default:
+            layer_config = _rtn_fallback(layer_config)  # GPTQ / AWQ treat linears; convs get round to nearest
+        layers[node.name] = Layer(node.name, fqn, node.args[1].target, layer_config, fmt, tuple(weight.shape))
+    if not layers:
+        log.warning("weight-only: no linear of this model is quantized (%d kept float)", len(kept))
+    return WeightOnlyPlan(config, layers, kept)
+
+
+def _rtn_fallback(config):
+    from .config import RTNConfig
+
+    return RTNConfig(bits=config.bits, group_size=config.group_size, sym=config.sym, dtype=config.dtype,
+                     group_dim=config.group_dim)
+
+
+def _rtn(layer: Layer, weight: torch.Tensor) -> QuantizedWeight:
+    config = layer.config
+    return rtn_quantize(weight, layer.fmt, quantile=getattr(config, "quantile", 1.0),
+                        mse_clip=getattr(config, "mse_clip", False))
+
+
+# -- sequential algorithms, one block at a time ------------------------------------------------------------
+def _stages(block, layers: dict[str, Layer]) -> list[list[Node]]:
+    """The block's target linears grouped by shared input (q/k/v; gate/up), in graph order."""
+    stages: dict[Node, list[Node]] = {}
+    for linear in block.linears:
+        if linear.name in layers:
+            stages.setdefault(linear.args[0], []).append(linear)
+    return list(stages.values())
+
+
+def _gptq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
+    from .algorithms.gptq import gptq_quantize, hessian_update
+
+    stages = _stages(block, layers)
+    if not all(layer.config.true_sequential for layer in layers.values()):
+        stages = [[linear for stage in stages for linear in stage]] if stages else []
+    for stage in stages:
+        hessians: dict[str, list] = {linear.name: [None, 0] for linear in stage}
+
+        def recorder(name):
+            def record(x):
+                state = hessians[name]
+                state[0], state[1] = hessian_update(state[0], state[1], x)
+            return record
+
+        block.run({name: recorder(name) for name in hessians}, stop_after=stage[-1])
+        for linear in stage:
+            layer = layers[linear.name]
+            weight = get_constant(gm, linear.args[1])
+            hessian, count = hessians.pop(linear.name)
+            if count == 0:
+                raise CalibrationError(f"GPTQ: layer {layer.module!r} saw no input during calibration")
+            qweight = gptq_quantize(weight, hessian, layer.fmt, block_size=layer.config.block_size,
+                                    percdamp=layer.config.percdamp, act_order=layer.config.act_order,
+                                    static_groups=layer.config.static_groups)
+            plan_.quantized[linear.name] = qweight
+            block.weights[linear.name] = qweight.dequantize()
+
+
+def _rtn_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
+    for linear in block.linears:
+        if linear.name in layers:
+            qweight = _rtn(layers[linear.name], get_constant(gm, linear.args[1]))
+            plan_.quantized[linear.name] = qweight
+            block.weights[linear.name] = qweight.dequantize()
+
+
+BLOCK_ALGORITHMS = {"rtn": _rtn_block, "gptq": _gptq_block}
+
+
+def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iterable, *,
+              progress: bool = True) -> None:
+    """Run the plan's sequential algorithm block by block (a no-op for RTN). Layers outside every block
+    are left to `apply` (round to nearest)."""
+    from .blockwise import SequentialRunner
+    import itertools
+
+    config = plan_.config
+    if not config.sequential:
+        plan_.calibrated = True
+        return
+    start = time.perf_counter()
+    batches = list(itertools.islice(iter(calib_data), config.n_samples))
+    runner = SequentialRunner(graph_module, batches, progress=progress, desc=f"pt2q {_algorithm(config)}")
+
+    def on_block(block) -> None:
+        members = {linear.name for linear in block.linears}
+        by_algorithm: dict[str, dict[str, Layer]] = {}
+        for name in members & set(plan_.layers):
+            by_algorithm.setdefault(_algorithm(plan_.layers[name].config), {})[name] = plan_.layers[name]
+        for algorithm, layers in by_algorithm.items():
+            BLOCK_ALGORITHMS[algorithm](graph_module, block, layers, plan_)
+        log.info("%s: block %s: %d layers quantized", _algorithm(config), block.name,
+                 sum(len(layers) for layers in by_algorithm.values()))
+
+    runner.run(on_block)
+    plan_.calibrated = True
+    plan_.calibration_seconds = time.perf_counter() - start
+
+
+def apply(graph_module: GraphModule, plan_: WeightOnlyPlan) -> WeightOnlyReport:
+    """Quantize the layers not quantized yet (round to nearest) and write all of them in packed form."""
+    from .passes.manager import PassManager
+    from .passes.pack_weights import PackWeights
+
+    if plan_.config.sequential and not plan_.calibrated:
+        raise CalibrationError(f"{type(plan_.config).__name__} needs calibration data: run pt2q.calibrate(prepared, "
+                               "calib_data) before convert(), or pass calib_data to pt2q.quantize()")
+    by_name = {node.name: node for node in graph_module.graph.nodes}
+    for name, layer in plan_.layers.items():
+        if name not in plan_.quantized:
+            plan_.quantized[name] = _rtn(layer, get_constant(graph_module, by_name[name].args[1]))
+    pack = PackWeights({name: plan_.quantized[name] for name in plan_.layers})
+    PassManager([pack])(graph_module)
+    layers = {name: {**info, "module": plan_.layers[name].module,
+                     "algorithm": _algorithm(plan_.layers[name].config) if name in plan_.layers else "rtn"}
+              for name, info in pack.report.layers.items()}
+    return WeightOnlyReport(layers, dict(plan_.kept_float), pack.report.float_bytes, pack.report.packed_bytes,
+                            plan_.calibration_seconds)
