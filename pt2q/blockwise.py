@@ -82,13 +82,16 @@ def _fetch(graph_module: GraphModule, target: str):
 @dataclass
 class Block:
     """One block of the graph and the samples' inputs to it. `weights` maps linear node names to the float
-    weights to use instead of the graph's (the dequantized weights of layers quantized so far)."""
+    weights to use instead of the graph's (the dequantized weights of layers quantized so far);
+    `input_scales` maps linear node names to a per-channel factor applied to their input (AWQ's explicit
+    scales, written into the graph as a `mul` later)."""
 
     name: str
     index: int
     segment: Segment
     runner: "SequentialRunner"
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> factor on its input
 
     @property
     def linears(self) -> list[Node]:
@@ -98,7 +101,7 @@ class Block:
             stop_after: Node | None = None, outputs: bool = False) -> None:
         """Run the block over every sample. `record[linear node name](x)` sees each input of that linear;
         `stop_after` ends each sample's run at that node (later nodes are not needed)."""
-        self.runner._run_segment(self.segment, record or {}, self.weights, stop_after, outputs)
+        self.runner._run_segment(self.segment, record or {}, self.weights, stop_after, outputs, self.input_scales)
 
 
 class SequentialRunner:
@@ -170,7 +173,8 @@ class SequentialRunner:
                     block = Block(segment.block, block_index, segment, self)
                     with torch.no_grad():
                         on_block(block)
-                    self._run_segment(segment, {}, block.weights, None, outputs=True)
+                    self._run_segment(segment, {}, block.weights, None, outputs=True,
+                                      input_scales=block.input_scales)
                     block_index += 1
                     bar.update(1)
                 self._free(index)
@@ -182,7 +186,8 @@ class SequentialRunner:
             del self.env[node]
 
     def _run_segment(self, segment: Segment, record: dict, weights: dict, stop_after: Node | None,
-                     outputs: bool) -> None:
+                     outputs: bool, input_scales: dict | None = None) -> None:
+        input_scales = input_scales or {}
         members = set(segment.nodes)
         kept = [n for n in segment.nodes if any(u not in members for u in n.users)] if outputs else []
         for node in kept:
@@ -205,6 +210,8 @@ class SequentialRunner:
                 for position, node in enumerate(segment.nodes):
                     args = map_arg(node.args, lookup)
                     kwargs = map_arg(node.kwargs, lookup)
+                    if node.name in input_scales:
+                        args = (args[0] * input_scales[node.name], *args[1:])
                     if node.name in weights:
                         args = (args[0], weights[node.name], *args[2:])
                     if node.name in record:

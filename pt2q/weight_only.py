@@ -57,6 +57,7 @@ class WeightOnlyPlan:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     calibrated: bool = False
     calibration_seconds: float = 0.0
+    state: dict = field(default_factory=dict)        # algorithm findings (AWQ's groups and scales)
 
 
 @dataclass
@@ -211,7 +212,148 @@ def _rtn_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOn
             block.weights[linear.name] = qweight.dequantize()
 
 
-BLOCK_ALGORITHMS = {"rtn": _rtn_block, "gptq": _gptq_block}
+class _InputSampler:
+    """Mean |x| per channel over every row a linear sees, and up to `max_rows` rows spread over the samples."""
+
+    def __init__(self, samples: int, max_rows: int = 2048):
+        self.per_call = max(1, max_rows // max(samples, 1))
+        self.total, self.count, self.rows = None, 0, []
+
+    def __call__(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        total = flat.abs().sum(0)
+        self.total = total if self.total is None else self.total + total
+        self.count += flat.shape[0]
+        step = max(1, flat.shape[0] // self.per_call)
+        self.rows.append(flat[::step][:self.per_call].clone())
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+def _single_use_constant(gm: GraphModule, node) -> torch.Tensor | None:
+    """The tensor behind get_attr `node` when that node is its only reference with one user, else None
+    (scaling a shared tensor in place would change another layer too)."""
+    value = get_constant(gm, node)
+    if value is None or len(node.users) != 1:
+        return None
+    refs = [n for n in gm.graph.nodes if n.op == "get_attr" and get_constant(gm, n) is value]
+    return value if len(refs) == 1 else None
+
+
+def _scaled_tensors(gm: GraphModule, group) -> tuple[list[tuple[torch.Tensor, str]], str]:
+    """[(tensor, how)] to scale in place for an AWQ scale on `group` (how: "div" a vector, "div_rows", or
+    "mul_cols"), or ([], why not)."""
+    from .passes.smooth_quant_groups import Absorb
+
+    if not group.absorbed:
+        return [], group.reason or "no producer absorbs the scale"
+    producer, absorber = group.producer, group.absorber
+    edits: list[tuple[torch.Tensor, str]] = []
+    if absorber.how is Absorb.AFFINE_ARGS:
+        for position, index in enumerate(absorber.scaled_args):
+            arg = producer.args[index] if index < len(producer.args) else None
+            if arg is None:
+                if position == 0:
+                    return [], f"{producer.name} has no affine weight to absorb the scale"
+                continue
+            edits.append((_single_use_constant(gm, arg), "div"))
+    elif absorber.how in (Absorb.OUTPUT_ROWS, Absorb.LINEAR_OPERAND):
+        target = group.absorb_target if absorber.how is Absorb.LINEAR_OPERAND else producer
+        edits.append((_single_use_constant(gm, target.args[1]), "div_rows"))
+        if len(target.args) > 2 and target.args[2] is not None:
+            edits.append((_single_use_constant(gm, target.args[2]), "div"))
+    elif absorber.how is Absorb.CONSTANT_OPERAND:
+        constants = [_single_use_constant(gm, a) for a in producer.args[:2]]
+        constants = [c for c in constants if c is not None and c.numel() == group.channels]
+        if not constants:
+            return [], f"{producer.name}: the per-channel operand is not a plain constant"
+        edits.append((constants[0], "div"))
+    for consumer in group.consumers:
+        edits.append((_single_use_constant(gm, consumer.args[1]), "mul_cols"))
+    if any(tensor is None for tensor, _ in edits):
+        return [], "a tensor to scale is shared with another layer"
+    return edits, ""
+
+
+def _apply_scales(edits: list[tuple[torch.Tensor, str]], scales: torch.Tensor) -> None:
+    for tensor, how in edits:
+        s = scales.to(tensor.dtype)
+        if how == "div":
+            tensor.data.div_(s.reshape(tensor.shape))
+        elif how == "div_rows":
+            tensor.data.div_(s.reshape(-1, *([1] * (tensor.dim() - 1))))
+        else:
+            tensor.data.mul_(s)
+
+
+def _awq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
+    """Scales stage by stage on the float block (each stage's input recorded with the scales so far),
+    then per-layer clip search, then quantization."""
+    from .algorithms.awq import awq_quantize, search_clip, search_scale
+
+    groups = {frozenset(c.name for c in g.consumers): g for g in plan_.state.setdefault("awq_groups", _awq_groups(gm))}
+    samples = block.runner.samples
+    inputs: dict[str, torch.Tensor] = {}
+    for stage in _stages(block, layers):
+        sampler = _InputSampler(samples)
+        block.run({stage[0].name: sampler}, stop_after=stage[0])
+        x = sampler.sample
+        first = layers[stage[0].name]
+        group = next((g for names, g in groups.items() if {l.name for l in stage} <= names), None)
+        note = "no absorb group found for these layers"
+        if first.config.auto_scale and group is not None:
+            edits, note = _scaled_tensors(gm, group)
+            members = set(block.segment.nodes)
+            # A producer outside this block already ran: its outputs are stored, so the scale cannot go there.
+            if edits and not ({group.producer, group.absorb_target} - {None}) <= members:
+                edits, note = [], "the producer is outside this block"
+            consumer_weights = [_single_use_constant(gm, c.args[1]) for c in group.consumers]
+            if all(w is not None for w in consumer_weights):
+                scales, ratio, error, plain = search_scale(x, consumer_weights, first.fmt, x_mean=sampler.mean)
+                if ratio is not None:
+                    if edits:
+                        _apply_scales(edits, scales)
+                    else:  # explicit: inputs multiplied by 1/s (a `mul` in the graph), weights by s
+                        _apply_scales([(w, "mul_cols") for w in consumer_weights], scales)
+                        for consumer in group.consumers:
+                            block.input_scales[consumer.name] = 1 / scales
+                        plan_.state.setdefault("awq_input_scales", {})[
+                            tuple(c.name for c in group.consumers)] = 1 / scales
+                    x = x / scales
+                note = (f"r={ratio} ({'folded' if edits else 'explicit mul'})" if ratio is not None
+                        else "s=1 (RTN was best)")
+                plan_.state.setdefault("awq_scales", {})[stage[0].name] = {
+                    "layers": [layers[l.name].module for l in stage], "ratio": ratio,
+                    "error": error, "rtn_error": plain, "how": note}
+        log.debug("awq %s: %s", [layers[l.name].module for l in stage], note)
+        for linear in stage:
+            inputs[linear.name] = x
+    for linear in block.linears:
+        if linear.name not in layers:
+            continue
+        layer = layers[linear.name]
+        weight = get_constant(gm, linear.args[1])
+        clip = search_clip(inputs[linear.name][:1024], weight, layer.fmt) if layer.config.auto_clip else None
+        qweight = awq_quantize(weight, layer.fmt, clip)
+        plan_.quantized[linear.name] = qweight
+        block.weights[linear.name] = qweight.dequantize()
+
+
+def _awq_groups(gm: GraphModule) -> list:
+    from .passes.smooth_quant_groups import SmoothQuantGroups
+
+    analysis = SmoothQuantGroups()
+    analysis.call(gm)
+    return [group for group in analysis.report if not group.skipped]
+
+
+BLOCK_ALGORITHMS = {"rtn": _rtn_block, "gptq": _gptq_block, "awq": _awq_block}
 
 
 def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iterable, *,
@@ -257,7 +399,12 @@ def apply(graph_module: GraphModule, plan_: WeightOnlyPlan) -> WeightOnlyReport:
         if name not in plan_.quantized:
             plan_.quantized[name] = _rtn(layer, get_constant(graph_module, by_name[name].args[1]))
     pack = PackWeights({name: plan_.quantized[name] for name in plan_.layers})
-    PassManager([pack])(graph_module)
+    passes = [pack]
+    if plan_.state.get("awq_input_scales"):
+        from .passes.scale_linear_inputs import ScaleLinearInputs
+
+        passes.insert(0, ScaleLinearInputs(plan_.state["awq_input_scales"]))
+    PassManager(passes)(graph_module)
     layers = {name: {**info, "module": plan_.layers[name].module,
                      "algorithm": _algorithm(plan_.layers[name].config) if name in plan_.layers else "rtn"}
               for name, info in pack.report.layers.items()}
