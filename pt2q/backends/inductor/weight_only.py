@@ -1,0 +1,433 @@
+"""Lower `linear(x, pt2q.dequantize_weight(...), b)` to ATen's CPU weight-only kernels (pass `LowerWeightOnly`).
+
+Each pair (see pt2q/ops.py for the packed layout) becomes, when a kernel fits the format and the shapes:
+
+    x2 = reshape(x, [-1, K])                       # any leading shape [..., K]; skipped for 2-D x
+    xa = x2.to(activation_dtype)                   # skipped when x already has it
+    y  = aten._weight_int8pack_mm(xa, w_int8, scales)                        # W8, per output channel, sym
+    y  = aten._weight_int4pack_mm_for_cpu(xa, w_int4pack, g, scales_and_zeros)  # W4 int, grouped
+    y  = reshape(y.to(x.dtype) + b, [..., N])      # bias added after the cast back, in x's dtype
+
+and otherwise stays `dequantize_weight + linear`, with one INFO log line per layer giving the reason.
+The weights are repacked here, once: `w_int8 = code - 128`; `w_int4pack =
+aten._convert_weight_to_int4pack_for_cpu(codes, 1)`. `LowerWeightOnly.report` lists per linear node the
+kernel chosen or the reason it was not (`WeightOnlyReport.kernels()`).
+
+Kernel arithmetic (torch 2.13, read from aten/src/ATen/native/cpu/int{8,4}mm_kernel.cpp and checked
+numerically here):
+- `_weight_int8pack_mm(x, w, s)[m, n] = sum_k x[m, k] * (w[n, k] * s[n])`, `w` int8 `[N, K]`, `s` `[N]` in
+  x's dtype. pt2q's symmetric code `c` dequantizes to `(c - 128) * scale`, so `w = c - 128` is exact.
+- `_weight_int4pack_mm_for_cpu(x, wp, g, sz)` uses `W[n, k] = (q[n, k] - 8) * sz[k // g, n, 0] + sz[k // g, n, 1]`
+  with `q` the unsigned code in [0, 16). pt2q's `(q - zp) * scale` is therefore
+  `sz[..., 0] = scale, sz[..., 1] = (8 - zp) * scale` (0 for symmetric formats, whose zp is 8).
+
+What the kernels accept (checked on this torch; the pass falls back when any fails):
+- int8: bits 8, integer codes, symmetric, one scale per output channel (group_size -1, or one group
+  spanning K), group_dim 1, N > 8 (Inductor inlines a 1-D constant of <= 8 elements, here the scales,
+  as a computed value that its `_weight_int8pack_mm` lowering does not accept). With bf16 activations
+  K must be a multiple of 16: the AVX-512 kernel reads 16 activations and 16 weights per step with
+  *aligned* loads and no tail, so another K reads past the rows (wrong results for K=8/24/40, a
+  segfault for K=7/30). With fp32 activations (a scalar loop) any K.
+- int4: bits 4, integer codes (sym or asym), group_dim 1, N a multiple of 16 (weight conversion), kernel
+  group g in {32, 64, 128, 256} with K a multiple of g. A format group that is a multiple of such a g
+  (e.g. 512, or -1 = per channel) is lowered with its scales repeated over g-wide kernel groups
+  (exact); a group of 16 or a K that is not a multiple of the group (a zero-padded last group) falls back.
+- Anything else (2/3/5/6/7 bits, nf4/fp4 code tables, group_dim 0, asymmetric int8, grouped int8, x not
+  fp32/bf16/fp16 or without shape metadata) keeps dequantize + linear.
+
+Precision trade-off (`activation_dtype`, default bfloat16). On x86 both kernels are vectorized only for
+bf16 activations; their fp32 (and fp16) paths are scalar loops. Measured on the 2-core dev machine,
+batch 1, N=5632, K=2048: F.linear fp32 2.1 ms, bf16 0.68 ms; `_weight_int8pack_mm` 4.8 ms with fp32 x,
+0.30 ms with bf16 x and scales; `_weight_int4pack_mm_for_cpu` 10 ms with fp32 x, 0.36 ms with bf16 x and
+scales_and_zeros. So by default x (and the scales, zeros) are cast to bf16 around the kernel and the
+result cast back: each output then carries bf16 rounding of x, of the scales and of the output
+(about 2**-9 relative per element; ~2e-3 relative error per layer against the fp32 dequantize path).
+`activation_dtype=torch.float32` is exact to fp32 rounding but slower than the unlowered fp32 linear.
+
+`dynamic_activations=True` asks for int8 dynamic activations x int4 weights (torchao's
+`torchao.da8w4_linear_cpu`). pt2q uses it only when the installed torchao has a CPU kernel for it; the
+torchao 0.18.0 wheel this project pins registers the schema without one, and pt2q does not wire that
+kernel yet, so 4-bit layers use the int4 kernel and the reason is logged once per pass run.
+
+Inputs in the activation dtype already (a bf16 model) are passed to the int8 kernel without a copy:
+its aligned loads then need the rows of x to start on 32-byte boundaries, which holds for every tensor
+the CPU allocator or Inductor allocates (64-byte aligned, K a multiple of 16) but not for a view at an
+odd element offset.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ... import meta
+from ...graph import add_constant, get_constant
+from ...ops import DEQUANTIZE_WEIGHT, unpack_codes
+from ...passes.pack_weights import _drop_unused_attribute
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+__all__ = ["INT4_GROUP_SIZES", "INT4_KERNEL", "INT8_KERNEL", "LowerWeightOnly", "WeightOnlyLayer",
+           "WeightOnlyReport", "da8w4_available"]
+
+INT8_KERNEL = "_weight_int8pack_mm"
+INT4_KERNEL = "_weight_int4pack_mm_for_cpu"
+INT4_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts; largest first
+INT4_N_MULTIPLE = 16                   # _convert_weight_to_int4pack_for_cpu: N divisible by 16
+INT8_BF16_K_MULTIPLE = 16              # the AVX-512 bf16 int8 kernel: 16 per step, aligned, no tail
+# Inductor inlines 1-D constants of <= 8 elements as computed values (GraphLowering.can_inline_constant)
+# and its _weight_int8pack_mm lowering does not realize its `scales` argument: the compile fails.
+INT8_MIN_N = 9
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float32)
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Self-check bound (relative error of the kernel on 2 random rows against x @ W.T in fp32): far above
+# the expected ~2e-3 (bf16) / ~3e-7 (fp32), far below what a wrong formula or layout gives (>0.3).
+_SELF_CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-4}
+_SELF_CHECK_ROWS = 64
+
+
+def da8w4_available() -> bool:
+    """Whether torchao's int8-activation x int4-weight CPU kernel (`torchao::da8w4_linear_cpu`) has a CPU
+    implementation in this process (the schema alone is registered by torchao wheels built without it)."""
+    try:
+        importlib.import_module("torchao")  # registers torch.ops.torchao
+        return torch._C._dispatch_has_kernel_for_dispatch_key("torchao::da8w4_linear_cpu", "CPU")
+    except Exception:  # noqa: BLE001 - no torchao, or no such op: not available
+        return False
+
+
+@dataclass(frozen=True)
+class WeightOnlyLayer:
+    """One linear: the kernel it runs (`None`: kept as dequantize + linear) and why, or a note."""
+
+    kernel: str | None
+    reason: str = ""
+    bits: int = 0
+    group_size: int = 0
+    dtype: str = "int"
+    sym: bool = True
+    shape: tuple = ()
+    kernel_group_size: int | None = None  # the int4 kernel's group (may divide the format's group)
+
+    @property
+    def lowered(self) -> bool:
+        return self.kernel is not None
+
+    def describe(self) -> str:
+        return self.kernel if self.kernel is not None else f"fallback: {self.reason}"
+
+
+@dataclass
+class WeightOnlyReport:
+    """Per linear node name, what `LowerWeightOnly` did; `notes` holds pass-wide remarks (e.g. da8w4)."""
+
+    activation_dtype: torch.dtype = torch.bfloat16
+    dynamic_activations: bool = False
+    layers: dict[str, WeightOnlyLayer] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def kernels(self) -> dict[str, str]:
+        """{linear node name: kernel name, or "fallback: <reason>"}."""
+        return {name: layer.describe() for name, layer in self.layers.items()}
+
+    @property
+    def lowered(self) -> dict[str, WeightOnlyLayer]:
+        return {name: layer for name, layer in self.layers.items() if layer.lowered}
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        return {name: layer.reason for name, layer in self.layers.items() if not layer.lowered}
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for layer in self.layers.values():
+            key = layer.kernel or "fallback"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+class _Fallback(Exception):
+    """A layer no kernel takes; the message is the reason."""
+
+
+_DEQUANTIZE_ARGS = tuple(argument.name for argument in DEQUANTIZE_WEIGHT._schema.arguments)
+
+
+def _dequantize_args(node: Node) -> tuple:
+    """The 8 arguments of a dequantize_weight node, in schema order, whether passed by position or name."""
+    values = list(node.args)
+    for name in _DEQUANTIZE_ARGS[len(values):]:
+        values.append(node.kwargs.get(name))
+    return tuple(values)
+
+
+def _activation_dtype(value) -> torch.dtype:
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    dtype = names.get(value, value) if isinstance(value, str) else value
+    if dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"weight-only activation dtype {value!r} is not supported; use torch.bfloat16 (fast, "
+                         "the default) or torch.float32 (exact, slow: the kernels' fp32 paths are scalar)")
+    return dtype
+
+
+def _format_of(dequantize: Node, code_table: torch.Tensor | None) -> tuple[str, bool]:
+    """(dtype name, symmetric) of a dequantize node: from its WeightFormat when recorded, else its inputs."""
+    fmt = dequantize.meta.get(meta.WEIGHT_FORMAT)
+    zero_point = _dequantize_args(dequantize)[2]
+    if fmt is not None:
+        return fmt.dtype, zero_point is None
+    if code_table is None:
+        return "int", zero_point is None
+    from ...algorithms.rtn import CODE_TABLES
+
+    for name, table in CODE_TABLES.items():
+        if code_table.numel() == len(table) and torch.allclose(code_table.float(), torch.tensor(table)):
+            return name, True
+    return "table", True
+
+
+class LowerWeightOnly:
+    """Rewrite `pt2q.dequantize_weight -> aten.linear` pairs into ATen's weight-only CPU kernels (see the
+    module docstring). `report` is a `WeightOnlyReport`.
+
+    activation_dtype: the dtype the kernels run in (bfloat16, default: fast; float32: exact, slow).
+    dynamic_activations: int8 dynamic activations for 4-bit weights when torchao's da8w4 CPU kernel exists.
+    verify: run each chosen kernel once on two random inputs against pt2q's dequantized weight (64 sampled
+        output channels) and fall back when it disagrees: guards against a kernel contract changed in
+        another torch. Cheap (one kernel call and a 64-row dequantize per layer).
+    """
+
+    name = "lower_weight_only"
+
+    def __init__(self, *, activation_dtype=torch.bfloat16, dynamic_activations: bool = False,
+                 verify: bool = True):
+        self.activation_dtype = _activation_dtype(activation_dtype)
+        self.dynamic_activations = dynamic_activations
+        self.verify = verify
+        self.report = WeightOnlyReport(self.activation_dtype, dynamic_activations)
+
+    # -- the pass --------------------------------------------------------------------------------------
+    def call(self, graph_module: GraphModule) -> PassResult:
+        self.report = WeightOnlyReport(self.activation_dtype, self.dynamic_activations)
+        graph = graph_module.graph
+        modified = False
+        for dequantize in list(graph.find_nodes(op="call_function", target=DEQUANTIZE_WEIGHT)):
+            linears = [user for user in dequantize.users
+                       if user.target is aten.linear.default and len(user.args) > 1 and user.args[1] is dequantize]
+            for linear in linears:
+                try:
+                    layer = self._lower(graph_module, dequantize, linear)
+                    modified = True
+                except _Fallback as reason:
+                    layer = self._describe(graph_module, dequantize, None, str(reason))
+                    log.info("pt2q weight-only: %s keeps dequantize + linear: %s", linear.name, reason)
+                self.report.layers[linear.name] = layer
+            if not dequantize.users:
+                self._erase_with_inputs(graph_module, dequantize)
+        if modified:
+            graph.lint()
+            graph_module.recompile()
+        if self.report.layers:
+            log.info("pt2q weight-only kernels: %s", self.report.counts())
+        return PassResult(graph_module, modified)
+
+    def _dynamic_activations_note(self) -> str:
+        """Why a 4-bit layer runs the int4 kernel despite `dynamic_activations`; logged once per pass run."""
+        if not self.dynamic_activations:
+            return ""
+        if self.report.notes:
+            return self.report.notes[0]
+        if da8w4_available():
+            note = ("dynamic_activations: torchao's da8w4_linear_cpu kernel is present but pt2q does not lower "
+                    f"to it yet; 4-bit layers use {INT4_KERNEL} with {self.activation_dtype} activations")
+        else:
+            note = ("dynamic_activations: torchao's da8w4_linear_cpu has no CPU kernel in this torchao build; "
+                    f"4-bit layers use {INT4_KERNEL} with {self.activation_dtype} activations")
+        self.report.notes.append(note)
+        log.info("pt2q weight-only: %s", note)  # once per pass run, not per layer
+        return note
+
+    # -- one layer -------------------------------------------------------------------------------------
+    def _describe(self, gm, dequantize: Node, kernel, reason, kernel_group=None) -> WeightOnlyLayer:
+        _, _, _, table_node, bits, group_size, shape, _ = _dequantize_args(dequantize)
+        dtype, sym = _format_of(dequantize, get_constant(gm, table_node))
+        return WeightOnlyLayer(kernel, reason, bits, group_size, dtype, sym, tuple(shape), kernel_group)
+
+    def _lower(self, gm: GraphModule, dequantize: Node, linear: Node) -> WeightOnlyLayer:
+        args = _dequantize_args(dequantize)
+        packed_node, scale_node, zero_node, table_node, bits, group_size, shape, group_dim = args
+        constants = [get_constant(gm, node) for node in (packed_node, scale_node, zero_node, table_node)]
+        if constants[0] is None or constants[1] is None or any(
+                node is not None and value is None for node, value in zip((zero_node, table_node), constants[2:])):
+            raise _Fallback("the packed weight, scales or zero points are not graph constants")
+        packed, scale, zero_point, code_table = constants
+        dtype, sym = _format_of(dequantize, code_table)
+        out_features, in_features = shape
+        if code_table is not None or dtype != "int":
+            raise _Fallback(f"{dtype} code table: no CPU kernel takes a code table")
+        if group_dim != 1:
+            raise _Fallback("group_dim=0 (groups along the output dimension): the kernels group along K")
+        if bits not in (4, 8):
+            raise _Fallback(f"{bits}-bit weights: the CPU kernels take 8-bit (per channel) or 4-bit weights")
+        x = linear.args[0]
+        x_val = x.meta.get("val") if isinstance(x, Node) else None
+        if not isinstance(x_val, torch.Tensor):
+            raise _Fallback("the input has no shape metadata ('val')")
+        if x_val.dim() < 1 or x_val.dtype not in _INPUT_DTYPES or x_val.shape[-1] != in_features:
+            raise _Fallback(f"input {x_val.dtype} {tuple(x_val.shape)} is not a float [..., {in_features}] tensor")
+        note = ""
+        if bits == 8:
+            kernel, kernel_group = INT8_KERNEL, None
+            weight_args = self._int8_constants(packed, scale, zero_point, out_features, in_features, group_size)
+        else:
+            kernel = INT4_KERNEL
+            kernel_group, weight_args = self._int4_constants(packed, scale, zero_point, out_features, in_features,
+                                                             group_size)
+            note = self._dynamic_activations_note()
+        if self.verify:
+            self._self_check(kernel, weight_args, kernel_group, constants, args[4:], in_features)
+        self._rewrite(gm, linear, kernel, weight_args, kernel_group, x_val, out_features, in_features)
+        return WeightOnlyLayer(kernel, note, bits, group_size, dtype, sym, tuple(shape), kernel_group)
+
+    def _int8_constants(self, packed, scale, zero_point, out_features, in_features, group_size):
+        if zero_point is not None:
+            raise _Fallback("asymmetric 8-bit: _weight_int8pack_mm has no zero point")
+        if scale.shape[1] != 1:  # group_size -1, or one group spanning K
+            raise _Fallback(f"8-bit with group_size={group_size}: _weight_int8pack_mm takes one scale per "
+                            "output channel")
+        if out_features < INT8_MIN_N:
+            raise _Fallback(f"N={out_features} < {INT8_MIN_N}: Inductor inlines its {out_features} scales as a "
+                            "computed value, which its _weight_int8pack_mm lowering cannot take")
+        if self.activation_dtype == torch.bfloat16 and in_features % INT8_BF16_K_MULTIPLE:
+            raise _Fallback(f"K={in_features} is not a multiple of {INT8_BF16_K_MULTIPLE}, which the bf16 "
+                            "_weight_int8pack_mm kernel needs (aligned 16-wide loads, no tail)")
+        codes = unpack_codes(packed, 8)[:, :in_features]
+        weight = (codes - 128).to(torch.int8).contiguous()
+        scales = scale[:out_features, 0].to(self.activation_dtype).contiguous()
+        return weight, scales
+
+    def _int4_constants(self, packed, scale, zero_point, out_features, in_features, group_size):
+        if out_features % INT4_N_MULTIPLE:
+            raise _Fallback(f"N={out_features} is not a multiple of {INT4_N_MULTIPLE} "
+                            "(_convert_weight_to_int4pack_for_cpu)")
+        per_channel = group_size == -1 or scale.shape[1] == 1  # one group spanning K
+        width = in_features if per_channel else group_size
+        fits = [g for g in INT4_GROUP_SIZES if width % g == 0 and in_features % g == 0]
+        if not per_channel and in_features % group_size:
+            raise _Fallback(f"K={in_features} is not a multiple of group_size={group_size} (a zero-padded last "
+                            "group): _weight_int4pack_mm_for_cpu needs whole groups")
+        if not fits:
+            raise _Fallback(f"group_size={group_size} with K={in_features}: _weight_int4pack_mm_for_cpu takes "
+                            f"groups of {', '.join(map(str, sorted(INT4_GROUP_SIZES)))} dividing K")
+        kernel_group = fits[0]
+        codes = unpack_codes(packed, 4)[:out_features, :in_features].to(torch.int32).contiguous()
+        weight = aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        # kernel group j covers columns [j*g, (j+1)*g), inside format group (j*g) // width
+        index = torch.arange(in_features // kernel_group) * kernel_group // width
+        scales = scale[:out_features, index].to(torch.float32)
+        zeros = (8.0 - (8.0 if zero_point is None else zero_point[:out_features, index].to(torch.float32))) * scales
+        scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(self.activation_dtype).contiguous()
+        return kernel_group, (weight, scales_and_zeros)
+
+    def _kernel_call(self, kernel, x, weight_args, kernel_group):
+        if kernel == INT8_KERNEL:
+            return aten._weight_int8pack_mm.default(x, *weight_args)
+        weight, scales_and_zeros = weight_args
+        return aten._weight_int4pack_mm_for_cpu.default(x, weight, kernel_group, scales_and_zeros)
+
+    def _self_check(self, kernel, weight_args, kernel_group, constants, layout, in_features) -> None:
+        """The kernel on 2 random rows of x against x @ W.T, W dequantized by pt2q's op, on up to
+        `_SELF_CHECK_ROWS` output channels spread over N (both kernels need group_dim 1: rows = channels)."""
+        bits, group_size, shape, _ = layout
+        packed, scale, zero_point, code_table = constants
+        rows = torch.linspace(0, shape[0] - 1, min(shape[0], _SELF_CHECK_ROWS)).round().long().unique()
+        zero_rows = None if zero_point is None else zero_point[rows]
+        reference_weight = DEQUANTIZE_WEIGHT(packed[rows], scale[rows], zero_rows, code_table, bits, group_size,
+                                             [len(rows), shape[1]], 1)
+        x = torch.randn(2, in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = x @ reference_weight.t()
+            try:
+                actual = self._kernel_call(kernel, x.to(self.activation_dtype), weight_args, kernel_group)
+            except RuntimeError as error:
+                raise _Fallback(f"{kernel} rejected the layer: {str(error).splitlines()[0]}") from error
+            actual = actual[:, rows].float()
+        error = ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+        if not error <= _SELF_CHECK_TOLERANCE[self.activation_dtype]:
+            raise _Fallback(f"{kernel} self-check failed: relative error {error:.3g} against the dequantized "
+                            "weight (kernel contract changed?)")
+
+    # -- graph surgery ---------------------------------------------------------------------------------
+    def _rewrite(self, gm, linear: Node, kernel, weight_args, kernel_group, x_val, out_features,
+                 in_features) -> None:
+        graph = gm.graph
+        x = linear.args[0]
+        bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+        fake_mode = getattr(x_val, "fake_mode", None)
+        hint = f"{linear.name}_{'w8' if kernel == INT8_KERNEL else 'w4'}"
+        new_nodes: list[Node] = []
+
+        def add(op_or_target, *args, **kwargs) -> Node:
+            node = graph.call_function(op_or_target, args, kwargs)
+            new_nodes.append(node)
+            return node
+
+        def constant(suffix, value) -> Node:
+            node = graph.get_attr(add_constant(gm, f"{hint}_{suffix}", value))
+            if fake_mode is not None:
+                node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
+            return node
+
+        with graph.inserting_before(linear):
+            names = ("weight", "scales") if kernel == INT8_KERNEL else ("weight", "scales_and_zeros")
+            weight_nodes = [constant(suffix, value) for suffix, value in zip(names, weight_args)]
+            flat = x if x_val.dim() == 2 else add(aten.reshape.default, x, [-1, in_features])
+            cast = flat if x_val.dtype == self.activation_dtype else \
+                add(aten._to_copy.default, flat, dtype=self.activation_dtype)
+            if kernel == INT8_KERNEL:
+                out = add(aten._weight_int8pack_mm.default, cast, *weight_nodes)
+            else:
+                out = add(aten._weight_int4pack_mm_for_cpu.default, cast, weight_nodes[0], kernel_group,
+                          weight_nodes[1])
+            if x_val.dtype != self.activation_dtype:
+                out = add(aten._to_copy.default, out, dtype=x_val.dtype)
+            if bias is not None:
+                out = add(aten.add.Tensor, out, bias)
+            if x_val.dim() != 2:
+                leading = [size if isinstance(size, int) else add(aten.sym_size.int, x, dim)
+                           for dim, size in enumerate(x_val.shape[:-1])]
+                out = add(aten.reshape.default, out, [*leading, out_features])
+        for node in new_nodes:
+            for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+                if key in linear.meta:
+                    node.meta[key] = linear.meta[key]
+            if fake_mode is not None:
+                self._propagate_val(node, fake_mode)
+        linear.replace_all_uses_with(out)
+        graph.erase_node(linear)
+
+    @staticmethod
+    def _propagate_val(node: Node, fake_mode) -> None:
+        """node.meta['val'] from its inputs' (fake) values, as export records it; left unset on failure."""
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+        try:
+            with fake_mode:
+                node.meta["val"] = node.target(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - metadata only: the graph itself is still valid
+            log.debug("pt2q weight-only: no fake value for %s: %s", node.name, error)
+
+    @staticmethod
+    def _erase_with_inputs(gm: GraphModule, dequantize: Node) -> None:
+        inputs = [node for node in dequantize.all_input_nodes if node.op == "get_attr"]
+        gm.graph.erase_node(dequantize)
+        for node in inputs:
+            if not node.users:
+                target = node.target
+                gm.graph.erase_node(node)
+                _drop_unused_attribute(gm, target)
