@@ -54,6 +54,15 @@ def _is_weight_only(config) -> bool:
     return getattr(config, "family", None) == "weight_only"
 
 
+def _weight_only_sequential(config) -> list:
+    """The GPTQ / AWQ configs of a weight-only config, its set_local rules included ([] otherwise)."""
+    if not _is_weight_only(config):
+        return []
+    from .weight_only import sequential_configs
+
+    return sequential_configs(config)
+
+
 def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, *,
             dynamic_shapes: Any = None) -> GraphModule:
     """Capture `model` (unless it is already a pt2q capture) and insert observers per `config`."""
@@ -250,9 +259,10 @@ def split_calibration_data(config: Config, calib_data: Iterable | None, example_
         if total is not None:
             calib_data = _WithLength(calib_data, total)
         example_inputs = first if example_inputs is None else example_inputs
-    elif getattr(config, "needs_calibration", True):
+    elif getattr(config, "needs_calibration", True) or _weight_only_sequential(config):
         if _is_weight_only(config):
-            raise CalibrationError(f"{type(config).__name__} needs calib_data (an iterable of input batches): it "
+            names = " and ".join(sorted({type(c).__name__ for c in _weight_only_sequential(config)}))
+            raise CalibrationError(f"{names} needs calib_data (an iterable of input batches): it "
                                    "calibrates block by block; RTNConfig quantizes without calibration")
         raise CalibrationError("static quantization needs calib_data (an iterable of input batches); "
                                "use DynamicQuantConfig to quantize without calibration")

@@ -156,8 +156,9 @@ class SequentialRunner:
     def blocks(self) -> list[str]:
         return [s.block for s in self.segments if s.block is not None]
 
-    def run(self, on_block: Callable[[Block], None]) -> None:
-        """Run every segment up to the last block; call `on_block` for each block before its final run."""
+    def run(self, on_block: Callable[[Block], None], after_block: Callable[[Block], None] | None = None) -> None:
+        """Run every segment up to the last block; call `on_block` for each block before its final run and
+        `after_block` after it (the block never runs again: its layers may be rewritten then)."""
         last_block = max((i for i, s in enumerate(self.segments) if s.block is not None), default=-1)
         if last_block < 0:
             raise CalibrationError("blockwise calibration found no transformer blocks (modules named layers.N, "
@@ -175,6 +176,8 @@ class SequentialRunner:
                         on_block(block)
                     self._run_segment(segment, {}, block.weights, None, outputs=True,
                                       input_scales=block.input_scales)
+                    if after_block is not None:
+                        after_block(block)
                     block_index += 1
                     bar.update(1)
                 self._free(index)

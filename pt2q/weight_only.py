@@ -58,6 +58,7 @@ class WeightOnlyPlan:
     calibrated: bool = False
     calibration_seconds: float = 0.0
     state: dict = field(default_factory=dict)        # algorithm findings (AWQ's groups and scales)
+    packed: dict[str, dict] = field(default_factory=dict)  # node name -> PackWeights' report entry
 
 
 @dataclass
@@ -150,6 +151,15 @@ def plan(graph_module: GraphModule, config) -> WeightOnlyPlan:
     if not layers:
         log.warning("weight-only: no linear of this model is quantized (%d kept float)", len(kept))
     return WeightOnlyPlan(config, layers, kept)
+
+
+def sequential_configs(config) -> list:
+    """The configs among `config` and its set_local rules that calibrate block by block (GPTQ, AWQ)."""
+    return [c for c in (config, *(local for _, local in config.local_rules)) if c is not None and c.sequential]
+
+
+def _sequential_layers(plan_: WeightOnlyPlan) -> list[Layer]:
+    return [layer for layer in plan_.layers.values() if layer.config.sequential]
 
 
 def _rtn_fallback(config):
@@ -364,11 +374,17 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
     import itertools
 
     config = plan_.config
-    if not config.sequential:
+    # A set_local rule can ask for GPTQ / AWQ under a global RTNConfig: those layers need the blocks run too.
+    sequential = _sequential_layers(plan_)
+    if not config.sequential and not sequential:
         plan_.calibrated = True
         return
+    if plan_.calibrated:
+        raise CalibrationError("this model was already calibrated block by block (its weights are quantized and "
+                               "AWQ's scales folded in); call pt2q.prepare() again to calibrate anew")
     start = time.perf_counter()
-    batches = list(itertools.islice(iter(calib_data), config.n_samples))
+    n_samples = config.n_samples if config.sequential else max(layer.config.n_samples for layer in sequential)
+    batches = list(itertools.islice(iter(calib_data), n_samples))
     runner = SequentialRunner(graph_module, batches, progress=progress, desc=f"pt2q {_algorithm(config)}")
 
     def on_block(block) -> None:
@@ -381,7 +397,14 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
         log.info("%s: block %s: %d layers quantized", _algorithm(config), block.name,
                  sum(len(layers) for layers in by_algorithm.values()))
 
-    runner.run(on_block)
+    def after_block(block) -> None:
+        # The block never runs again: its layers take their packed form now, so their float weights go
+        # and the memory a model needs while it is quantized does not grow with its depth.
+        _pack(graph_module, plan_, [linear.name for linear in block.linears if linear.name in plan_.quantized])
+
+    runner.run(on_block, after_block)
+    graph_module.graph.lint()
+    graph_module.recompile()  # the blocks packed so far: the prepared model stays callable
     plan_.calibrated = True
     plan_.calibration_seconds = time.perf_counter() - start
 
@@ -391,22 +414,36 @@ def apply(graph_module: GraphModule, plan_: WeightOnlyPlan) -> WeightOnlyReport:
     from .passes.manager import PassManager
     from .passes.pack_weights import PackWeights
 
-    if plan_.config.sequential and not plan_.calibrated:
-        raise CalibrationError(f"{type(plan_.config).__name__} needs calibration data: run pt2q.calibrate(prepared, "
+    if (plan_.config.sequential or _sequential_layers(plan_)) and not plan_.calibrated:
+        name = type(plan_.config if plan_.config.sequential else _sequential_layers(plan_)[0].config).__name__
+        raise CalibrationError(f"{name} needs calibration data: run pt2q.calibrate(prepared, "
                                "calib_data) before convert(), or pass calib_data to pt2q.quantize()")
     by_name = {node.name: node for node in graph_module.graph.nodes}
     for name, layer in plan_.layers.items():
-        if name not in plan_.quantized:
+        if name not in plan_.quantized and name not in plan_.packed:
             plan_.quantized[name] = _rtn(layer, get_constant(graph_module, by_name[name].args[1]))
-    pack = PackWeights({name: plan_.quantized[name] for name in plan_.layers})
-    passes = [pack]
+    _pack(graph_module, plan_, list(plan_.quantized))
+    passes = []
     if plan_.state.get("awq_input_scales"):
         from .passes.scale_linear_inputs import ScaleLinearInputs
 
-        passes.insert(0, ScaleLinearInputs(plan_.state["awq_input_scales"]))
+        passes.append(ScaleLinearInputs(plan_.state["awq_input_scales"]))
+    graph_module.graph.lint()
+    graph_module.recompile()
     PassManager(passes)(graph_module)
-    layers = {name: {**info, "module": plan_.layers[name].module,
-                     "algorithm": _algorithm(plan_.layers[name].config) if name in plan_.layers else "rtn"}
-              for name, info in pack.report.layers.items()}
-    return WeightOnlyReport(layers, dict(plan_.kept_float), pack.report.float_bytes, pack.report.packed_bytes,
-                            plan_.calibration_seconds)
+    layers = {name: {**info, "module": plan_.layers[name].module, "algorithm": _algorithm(plan_.layers[name].config)}
+              for name, info in plan_.packed.items()}
+    return WeightOnlyReport(layers, dict(plan_.kept_float), sum(i["float_bytes"] for i in layers.values()),
+                            sum(i["packed_bytes"] for i in layers.values()), plan_.calibration_seconds)
+
+
+def _pack(graph_module: GraphModule, plan_: WeightOnlyPlan, names: list[str]) -> None:
+    """Write the quantized weights of `names` into the graph (passes/pack_weights.py); the plan keeps only
+    their report entries. The caller recompiles the graph once everything is packed."""
+    from .passes.pack_weights import PackWeights
+
+    if not names:
+        return
+    pack = PackWeights({name: plan_.quantized.pop(name) for name in names})
+    pack.call(graph_module)
+    plan_.packed.update(pack.report.layers)

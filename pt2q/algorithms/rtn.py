@@ -64,15 +64,19 @@ class WeightFormat:
 class QuantizedWeight:
     """Integer codes in the grouped orientation and their group parameters (see pt2q.ops for the layout)."""
 
-    codes: torch.Tensor            # int64 [rows, padded_cols]
+    codes: torch.Tensor            # uint8 [rows, padded_cols] (a code always fits a byte; int64 would take
+                                   # twice the float weight's memory while a model is being quantized)
     scale: torch.Tensor            # float32 [rows, groups]
     zero_point: torch.Tensor | None  # uint8 [rows, groups], None for symmetric / table formats
     fmt: WeightFormat
     shape: tuple[int, ...]         # the float weight's shape: [out, in], or a conv's [out, in, *kernel]
 
+    def __post_init__(self):
+        self.codes = self.codes.to(torch.uint8)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight `[out, in]`, computed exactly as the graph's dequantize op computes it."""
-        values = dequantize_grouped(self.codes, self.scale, self.zero_point, self.fmt.code_table,
+        values = dequantize_grouped(self.codes.to(torch.int64), self.scale, self.zero_point, self.fmt.code_table,
                                     self.fmt.bits, self.fmt.group_size)
         rows, cols = self.fmt.grouped_shape(self.shape)
         values = values[:rows, :cols]

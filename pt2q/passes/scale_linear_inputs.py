@@ -28,6 +28,7 @@ class ScaleLinearInputs:
         self.report = []
         graph = graph_module.graph
         by_name = {node.name: node for node in graph.nodes}
+        order = {node: index for index, node in enumerate(graph.nodes)}
         for names, factor in self.factors.items():
             consumers = [by_name[name] for name in names]
             if any(c.target is not aten.linear.default for c in consumers):
@@ -36,7 +37,9 @@ class ScaleLinearInputs:
             for consumer in consumers:
                 x = consumer.args[0]
                 if x not in scaled:
-                    first = min(consumers, key=lambda c: list(graph.nodes).index(c))
+                    # Before the first consumer that reads `x` (x is defined before it; an input of another
+                    # consumer of the group may be defined only after the group's first consumer).
+                    first = min((c for c in consumers if c.args[0] is x), key=order.__getitem__)
                     with graph.inserting_before(first):
                         constant = graph.get_attr(add_constant(graph_module, f"{consumer.name}_input_scale",
                                                                factor.detach().clone().to(torch.float32)))

@@ -113,7 +113,7 @@ def test_codes_dequantize_exactly_to_the_values_gptq_used(fmt, act_order):
     result, used = _gptq(weight, hessian_of(x), fmt, block_size=20, percdamp=0.01, act_order=act_order,
                          static_groups=False)
     rows, padded = result.codes.shape
-    assert result.codes.dtype == torch.int64 and rows == 24 and padded % 8 == 0
+    assert result.codes.dtype == torch.uint8 and rows == 24 and padded % 8 == 0
     assert int(result.codes.min()) >= 0 and int(result.codes.max()) < 2 ** fmt.bits
     assert result.scale.dtype == torch.float32
     assert result.zero_point is None if (fmt.sym or fmt.dtype != "int") else result.zero_point.dtype == torch.uint8

@@ -21,7 +21,7 @@ def test_symmetric_int4_formula():
     assert torch.equal(q.scale[:, 0], scale)
     assert q.zero_point is None
     expected = torch.round(w / scale[:, None]).clamp(-8, 7).to(torch.int64) + 8
-    assert torch.equal(q.codes[:, :4], expected)
+    assert torch.equal(q.codes.long()[:, :4], expected)
     assert torch.equal(q.dequantize(), (expected - 8).float() * scale[:, None])
 
 
@@ -29,7 +29,7 @@ def test_full_range_maps_the_largest_magnitude_to_minus_2_pow_b_minus_1():
     w = torch.tensor([[0.8, -0.2, 0.1, 0.3], [-1.6, 0.4, 0.2, 1.0]])
     q = rtn_quantize(w, WeightFormat(bits=4, group_size=4, sym=True, full_range=True))
     assert torch.allclose(q.scale[:, 0], torch.tensor([-0.8 / 8, 1.6 / 8]))
-    signed = q.codes[:, :4] - 8
+    signed = q.codes.long()[:, :4] - 8
     assert signed[0, 0] == -8 and signed[1, 0] == -8                # the extreme value uses code -8
     assert torch.equal(q.dequantize(), signed.float() * q.scale)
 
@@ -44,14 +44,14 @@ def test_asymmetric_formula_includes_zero_in_the_range():
     assert torch.equal(q.scale[:, 0], scale)
     assert torch.equal(q.zero_point[:, 0], zero.to(torch.uint8))
     codes = (torch.round(w / scale[:, None]) + zero[:, None]).clamp(0, 15).to(torch.int64)
-    assert torch.equal(q.codes[:, :4], codes)
+    assert torch.equal(q.codes.long()[:, :4], codes)
 
 
 def test_quantile_scales_the_range():
     w = torch.tensor([[1.0, -0.5, 0.25, 0.125]])
     q = rtn_quantize(w, WeightFormat(bits=4, group_size=4), quantile=0.5)
     assert torch.allclose(q.scale[0, 0], torch.tensor(0.5 / 7))
-    assert q.codes[0, 0] == 15                                       # 1.0 clips to the top code
+    assert q.codes.long()[0, 0] == 15                                       # 1.0 clips to the top code
 
 
 @pytest.mark.parametrize("dtype,table", [("nf4", NF4_TABLE), ("fp4", FP4_TABLE)])
@@ -62,14 +62,14 @@ def test_code_tables(dtype, table):
     assert torch.allclose(q.scale, w.reshape(3, 2, 16).abs().amax(-1) / table.abs().max())
     scaled = w.reshape(3, 2, 16) / q.scale[..., None]
     nearest = (scaled[..., None] - table).abs().argmin(-1)
-    assert torch.equal(q.codes.reshape(3, 2, 16), nearest)
+    assert torch.equal(q.codes.long().reshape(3, 2, 16), nearest)
     assert torch.equal(q.dequantize(), (table[nearest] * q.scale[..., None]).reshape(3, 32))
 
 
 def test_remainder_group_is_zero_padded():
     w = torch.randn(5, 70)                                           # 70 = 2 groups of 32 + 6
     q = rtn_quantize(w, WeightFormat(bits=4, group_size=32, sym=False))
-    assert q.scale.shape == (5, 3) and q.codes.shape == (5, 96)
+    assert q.scale.shape == (5, 3) and q.codes.long().shape == (5, 96)
     last = w[:, 64:]
     assert torch.allclose(q.scale[:, 2], (last.amax(1).clamp(min=0) - last.amin(1).clamp(max=0)) / 15)
     assert q.dequantize().shape == (5, 70)
@@ -130,4 +130,4 @@ def test_graph_op_equals_eager_dequantize_exactly(fmt):
     w = torch.randn(24, 70)
     q = rtn_quantize(w, fmt)
     assert torch.equal(q.dequantize(), _graph_op(q))
-    assert int(q.codes.max()) < (1 << fmt.bits) and int(q.codes.min()) >= 0
+    assert int(q.codes.long().max()) < (1 << fmt.bits) and int(q.codes.long().min()) >= 0
