@@ -23,8 +23,7 @@ from torch.fx import GraphModule
 from . import meta
 from .calibration import check_batches_iterable, observers, run_calibration, sized
 from .capture import EXAMPLE_INPUTS_KEY, capture, fresh_copy, normalize_inputs
-from .config import (CONFIG_KINDS, AWQConfig, DynamicQuantConfig, GPTQConfig, RTNConfig, StaticQuantConfig,
-                     WeightOnlyQuantConfig, config_class)
+from .config import CONFIG_KINDS, AWQConfig, DynamicQuantConfig, GPTQConfig, RTNConfig, StaticQuantConfig, config_class
 from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
 from .graph import own_tensors
 from .isa import detect as detect_isa

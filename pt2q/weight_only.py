@@ -422,15 +422,16 @@ def apply(graph_module: GraphModule, plan_: WeightOnlyPlan) -> WeightOnlyReport:
     for name, layer in plan_.layers.items():
         if name not in plan_.quantized and name not in plan_.packed:
             plan_.quantized[name] = _rtn(layer, get_constant(graph_module, by_name[name].args[1]))
-    _pack(graph_module, plan_, list(plan_.quantized))
-    passes = []
+    # The layers left (RTN, or outside every block) are packed here, through the pass manager, so the dump
+    # tool sees this step; the blocks packed during calibration are in the graph already.
+    pack = PackWeights({name: plan_.quantized.pop(name) for name in list(plan_.quantized)})
+    passes = [pack]
     if plan_.state.get("awq_input_scales"):
         from .passes.scale_linear_inputs import ScaleLinearInputs
 
         passes.append(ScaleLinearInputs(plan_.state["awq_input_scales"]))
-    graph_module.graph.lint()
-    graph_module.recompile()
     PassManager(passes)(graph_module)
+    plan_.packed.update(pack.report.layers)
     layers = {name: {**info, "module": plan_.layers[name].module, "algorithm": _algorithm(plan_.layers[name].config)}
               for name, info in plan_.packed.items()}
     return WeightOnlyReport(layers, dict(plan_.kept_float), sum(i["float_bytes"] for i in layers.values()),

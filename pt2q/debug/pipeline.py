@@ -32,8 +32,9 @@ from torch.fx import GraphModule
 
 from ..api import split_calibration_data
 from ..errors import Pt2qError
+from ..passes.manager import PassReport
 from .numeric import NumericRow, compare_compiled, compare_graphs, numeric_text, structural_copy
-from .text import GraphSnapshot, fmt_float, snapshot, tensor_stats, unified_diff
+from .text import GraphSnapshot, snapshot, unified_diff
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,8 @@ class _Recorder:
                 self.reference = structural_copy(gm)
             if pass_name == "smooth_quant_apply":
                 self.smoothed = structural_copy(gm)  # the per-node reference once SmoothQuant ran
-            if type(record.report).__name__ == "SmoothQuantReport":
-                notes += smooth_quant_lines(record.report)
+            if isinstance(record.report, PassReport):
+                notes += _report_lines(record.report)
             self.add(pass_name, gm, notes)
         except Exception:  # noqa: BLE001
             if self.strict:
@@ -165,20 +166,10 @@ class _Recorder:
             log.warning("pt2q.debug: could not dump pass %s:\n%s", pass_name, traceback.format_exc())
 
 
-def smooth_quant_lines(report) -> list[str]:
-    if report is None:
+def _report_lines(report) -> list[str]:
+    if not isinstance(report, PassReport):
         return []
-    lines = [f"# {report.summary()}"]
-    for group in report.groups:
-        kind = "absorbed" if group.absorbed else "explicit mul"
-        scale = f" scale({tensor_stats(group.scale)})" if isinstance(group.scale, torch.Tensor) else ""
-        alpha = f" alpha={fmt_float(group.alpha)}" if group.alpha is not None else ""
-        producer = group.producer.removeprefix("explicit mul:")
-        lines.append(f"#   {kind}: {producer} -> {', '.join(group.consumers)}{alpha}{scale}")
-    for group in report.skipped:
-        alpha = f" alpha={fmt_float(group.alpha)}" if group.alpha is not None else ""
-        lines.append(f"#   skipped: {group.producer} -> {', '.join(group.consumers)}{alpha}: {group.reason}")
-    return lines
+    return [f"# {report.summary()}", *(f"# {line}" for line in report.lines())]
 
 
 def smooth_quant_dicts(report) -> list[dict]:
@@ -275,7 +266,7 @@ def dump_pipeline(model: torch.nn.Module, config, calib_data: Iterable | None = 
         if numeric:
             _guarded(recorder, strict, "numeric", lambda: (out / "numeric.txt").write_text("\n".join(
                 numeric_text(result.numeric, result.outputs) + [""] + kernel_report + [""]
-                + smooth_quant_lines(result.smooth_quant)) + "\n"))
+                + _report_lines(result.smooth_quant)) + "\n"))
     except BaseException as error:
         result.error = f"{type(error).__name__}: {error}"
         raise

@@ -1,7 +1,8 @@
 """The pass manager: runs a declared list of passes in order, checks the graph after each and times them.
 
 A pass is any object with `call(graph_module) -> PassResult` (torch's `PassBase` subclasses qualify) and a
-`name`. Observers registered with `add_observer` see every intermediate graph of that manager; those
+`name`. What a pass found or did is its `report`; a report that is a `PassReport` (a one-line `summary()`
+and detail `lines()`) is shown by the dump tool as it is, whatever the pass. Observers registered with `add_observer` see every intermediate graph of that manager; those
 installed with `observe_passes()` see the graphs of every manager while the context lasts (the dump
 tool uses this to follow the whole pipeline).
 """
@@ -11,14 +12,14 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphPass", "PassManager", "PassRecord", "PassResult", "observe_passes"]
+__all__ = ["GraphPass", "PassManager", "PassRecord", "PassReport", "PassResult", "observe_passes"]
 
 PassObserver = Callable[[str, GraphModule, "PassRecord"], None]
 _GLOBAL_OBSERVERS: list[PassObserver] = []
@@ -32,6 +33,15 @@ def observe_passes(observer: PassObserver):
         yield observer
     finally:
         _GLOBAL_OBSERVERS.remove(observer)
+
+
+@runtime_checkable
+class PassReport(Protocol):
+    """A pass's typed report, readable by people: one summary line and detail lines."""
+
+    def summary(self) -> str: ...
+
+    def lines(self) -> list[str]: ...
 
 
 class GraphPass(Protocol):

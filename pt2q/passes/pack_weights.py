@@ -32,6 +32,15 @@ class PackReport:
     def packed_bytes(self) -> int:
         return sum(layer["packed_bytes"] for layer in self.layers.values())
 
+    def summary(self) -> str:
+        return (f"pack_weights: {len(self.layers)} weights packed, {self.float_bytes} float bytes -> "
+                f"{self.packed_bytes} packed")
+
+    def lines(self) -> list[str]:
+        return [f"  {name}: {layer['bits']}-bit {layer['dtype']} {'sym' if layer['sym'] else 'asym'} "
+                f"g{layer['group_size']}, {layer['float_bytes']} -> {layer['packed_bytes']} bytes"
+                for name, layer in self.layers.items()]
+
 
 def _drop_unused_attribute(gm: GraphModule, target: str) -> None:
     """Delete the parameter/buffer `target` from its owner when no get_attr node refers to it any more."""

@@ -60,6 +60,22 @@ class SmoothQuantReport:
         return (f"SmoothQuant: {len(self.groups)} groups smoothed ({self.num_absorbed} absorbed, "
                 f"{len(self.groups) - self.num_absorbed} explicit mul), {len(self.skipped)} skipped")
 
+    def lines(self) -> list[str]:
+        """One line per group: how it was smoothed (producer -> consumers, alpha, scale range) or why not."""
+        def alpha(group) -> str:
+            return f" alpha={group.alpha:.4g}" if group.alpha is not None else ""
+
+        lines = []
+        for group in self.groups:
+            kind = "absorbed" if group.absorbed else "explicit mul"
+            scale = (f" scale(n={group.scale.numel()} min={group.scale.min().item():.4g} "
+                     f"max={group.scale.max().item():.4g})") if isinstance(group.scale, torch.Tensor) else ""
+            producer = group.producer.removeprefix("explicit mul:")
+            lines.append(f"  {kind}: {producer} -> {', '.join(group.consumers)}{alpha(group)}{scale}")
+        for group in self.skipped:
+            lines.append(f"  skipped: {group.producer} -> {', '.join(group.consumers)}{alpha(group)}: {group.reason}")
+        return lines
+
 
 # -- small helpers --------------------------------------------------------------------------------
 def _is_observer(gm: GraphModule, node) -> bool:
