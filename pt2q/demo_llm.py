@@ -6,8 +6,9 @@ needs `gguf` and `accelerate`: `pip install 'pt2q[llm]'`). Text is standard-libr
 quantize time and peak memory, archive sizes, and greedy decoding speed fp32 vs int4 under Inductor with
 the text both generate for one prompt.
 
-Decoding runs without a KV cache, in a fixed window: each new token recomputes the window (left padded,
-with its attention mask and position ids), so one compiled graph serves every step. Tokens/s here are
+Decoding runs without a KV cache, in a fixed window of `seq_len` tokens: each new token recomputes the
+window (left padded, with its attention mask and position ids), so the graph quantized and evaluated for
+perplexity is the one compiled for decoding, and one compiled graph serves every step. Tokens/s here are
 those of that loop, the same loop for fp32 and int4.
 """
 from __future__ import annotations
@@ -57,7 +58,10 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, count: int, batch_s
     if ids.numel() < needed:
         raise ValueError(f"the text has {ids.numel()} tokens, {needed} needed")
     windows = ids[:needed].reshape(count, batch_size, seq_len)
-    return [{"input_ids": window.clone()} for window in windows]
+    # Mask and positions are inputs as in decoding (decode_window), so one captured graph serves both.
+    positions = torch.arange(seq_len).expand(batch_size, seq_len)
+    return [{"input_ids": window.clone(), "attention_mask": torch.ones_like(window),
+             "position_ids": positions.clone()} for window in windows]
 
 
 def perplexity(function: Callable, batches: list[dict]) -> float:
@@ -141,7 +145,6 @@ class LLMDemoSettings:
     calib_windows: int = 32
     eval_windows: int = 16
     seq_len: int = 128
-    decode_window: int = 48
     new_tokens: int = 24
     progress: bool = True
 
@@ -196,14 +199,13 @@ def run_llm_demo(settings: LLMDemoSettings | None = None, log: Callable[[str], N
         archive_int4 = os.path.getsize(os.path.join(folder, "int4.pt2"))
     del fp32_graph
 
-    log(f"greedy decoding under Inductor (window {settings.decode_window}, {settings.new_tokens} tokens)")
+    log(f"greedy decoding under Inductor (window {settings.seq_len}, {settings.new_tokens} tokens)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    example = decode_window(tokenizer(PROMPT)["input_ids"], settings.decode_window, pad_id)
+    example = decode_window(tokenizer(PROMPT)["input_ids"], settings.seq_len, pad_id)
     fp32_decoder = inductor.compile(capture(model, (), example), example)
-    int4_graph = quantize(model, config, calib, example_inputs=example, progress=settings.progress)
-    int4_decoder = inductor.compile(int4_graph, example)
-    text_fp32, speed_fp32 = greedy_decode(fp32_decoder, tokenizer, PROMPT, settings.new_tokens, settings.decode_window)
-    text_int4, speed_int4 = greedy_decode(int4_decoder, tokenizer, PROMPT, settings.new_tokens, settings.decode_window)
+    int4_decoder = inductor.compile(qmodel, example)
+    text_fp32, speed_fp32 = greedy_decode(fp32_decoder, tokenizer, PROMPT, settings.new_tokens, settings.seq_len)
+    text_int4, speed_int4 = greedy_decode(int4_decoder, tokenizer, PROMPT, settings.new_tokens, settings.seq_len)
     kernels = getattr(int4_decoder, "weight_only_kernels", {}) or {}
     counted: dict[str, int] = {}
     for kernel in kernels.values():
