@@ -309,6 +309,8 @@ class GPTQConfig(_WeightOnlyConfig):
     static_groups: group scales from the unquantized weight, before any error propagation.
     true_sequential: within a block, layers fed by the outputs of already quantized layers are calibrated
         after them (q/k/v, then o, then gate/up, then down in a LLaMA block).
+    mse_clip: each group's range is the clip factor 1 - i/200 (i < 40) with the least squared error of the
+        group's values at the moment GPTQ reaches it, instead of the full range.
     n_samples: calibration batches used (the first n of calib_data).
     """
 
@@ -321,12 +323,13 @@ class GPTQConfig(_WeightOnlyConfig):
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    mse_clip: bool = False
     n_samples: int = 128
     group_dim: int = 1
     local_rules: list = field(default_factory=list, repr=False, init=False)
 
     sequential = True
-    _flags = ("act_order", "static_groups", "true_sequential")
+    _flags = ("act_order", "static_groups", "true_sequential", "mse_clip")
     _ranges = {"percdamp": (0.0, 1.0, "a fraction in [0, 1]"), "block_size": (1, 1 << 20, "a positive integer"),
                "n_samples": (1, 1 << 30, "a positive number of batches")}
 

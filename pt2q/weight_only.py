@@ -209,7 +209,7 @@ def _gptq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightO
                 raise CalibrationError(f"GPTQ: layer {layer.module!r} saw no input during calibration")
             qweight = gptq_quantize(weight, hessian, layer.fmt, block_size=layer.config.block_size,
                                     percdamp=layer.config.percdamp, act_order=layer.config.act_order,
-                                    static_groups=layer.config.static_groups)
+                                    static_groups=layer.config.static_groups, mse_clip=layer.config.mse_clip)
             plan_.quantized[linear.name] = qweight
             block.weights[linear.name] = qweight.dequantize()
 

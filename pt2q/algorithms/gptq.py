@@ -18,7 +18,8 @@ import logging
 import torch
 
 from ..errors import CalibrationError
-from .rtn import QuantizedWeight, WeightFormat, _split, dequantize_values, group_parameters, grouped, quantize_values
+from .rtn import (QuantizedWeight, WeightFormat, _split, dequantize_values, group_parameters, grouped,
+                  mse_group_parameters, quantize_values)
 
 __all__ = ["gptq_quantize", "hessian_update"]
 
@@ -82,7 +83,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat, block_size: int, percdamp: float,
-          act_order: bool, static_groups: bool) -> tuple[QuantizedWeight, torch.Tensor]:
+          act_order: bool, static_groups: bool, mse_clip: bool = False) -> tuple[QuantizedWeight, torch.Tensor]:
     """gptq_quantize, also returning the float32 values `[out, in]` GPTQ quantized to (for the tests)."""
     if fmt.group_dim != 1:
         raise ValueError(f"gptq: group_dim={fmt.group_dim} is not supported; GPTQ walks the input columns, "
@@ -115,9 +116,14 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat, block_
     w[:, dead] = 0
     h[dead, dead] = 1
 
+    def find_parameters(group_values: torch.Tensor, fmt: WeightFormat):
+        if mse_clip:
+            return mse_group_parameters(group_values, fmt)
+        return group_parameters(group_values, fmt, 1.0)
+
     static = static_groups or act_order
     if static:                                          # params of consecutive ORIGINAL columns, from W
-        scale, zero_point = group_parameters(w.reshape(rows, groups, width), fmt, 1.0)
+        scale, zero_point = find_parameters(w.reshape(rows, groups, width), fmt)
     else:
         scale = torch.ones(rows, groups, dtype=torch.float32, device=w.device)
         zero_point = None if fmt.sym or fmt.dtype != "int" else torch.zeros(rows, groups, dtype=torch.uint8,
@@ -161,7 +167,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat, block_
                 if end > stop:
                     later = wt[stop:end] - hinv[start:col, stop:end].t() @ errors[:i]
                     current = torch.cat([current, later])
-                s, z = group_parameters(current.t(), fmt, 1.0)
+                s, z = find_parameters(current.t(), fmt)
                 scale[:, col // width] = s
                 if z is not None:
                     zero_point[:, col // width] = z
@@ -191,7 +197,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat, block_
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat, *, block_size: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False) -> QuantizedWeight:
+                  percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                  mse_clip: bool = False) -> QuantizedWeight:
     """GPTQ quantization of a 2-D weight `[out, in]` given its inputs' Hessian `[in, in]` (`hessian_update`).
 
     - Dead inputs (`diag H == 0`) get weight 0 and diagonal 1. `percdamp * mean(diag H)` (mean over the live
@@ -204,9 +211,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
     - `act_order=True` quantizes the columns in order of descending `diag H` (the most active inputs first).
       The graph's dequantize op has no per-column group index, so groups stay runs of consecutive ORIGINAL
       columns, and their parameters must be fixed before the permuted walk: act_order implies static_groups.
+    - `mse_clip=True`: each group's parameters use the range factor with the least squared error of the
+      group's values (rtn.mse_group_parameters) instead of the full range.
     - Only `group_dim == 1` (groups along the input dimension) is supported; anything else is a ValueError.
 
     Returns codes, scale and zero point in rtn_quantize's layout, such that `.dequantize()` is exactly the
     weight whose errors GPTQ propagated.
     """
-    return _gptq(weight, hessian, fmt, block_size, percdamp, act_order, static_groups)[0]
+    return _gptq(weight, hessian, fmt, block_size, percdamp, act_order, static_groups, mse_clip)[0]

@@ -166,29 +166,36 @@ def _codes_for(groups: torch.Tensor, fmt: WeightFormat, ratio):
     return codes, scale, zero_point
 
 
+def mse_group_parameters(groups: torch.Tensor, fmt: WeightFormat, quantile=1.0):
+    """(scale, zero_point) per group of `groups` [..., group]: of the range factors `quantile * r`, r in
+    MSE_CLIP_RATIOS, the one with the least squared quantization error of the group (ties: the widest)."""
+    best = None
+    for ratio in MSE_CLIP_RATIOS:
+        codes, scale, zero_point = _codes_for(groups, fmt, quantile * ratio)
+        zero = None if zero_point is None else zero_point.unsqueeze(-1)
+        error = (dequantize_values(codes, scale.unsqueeze(-1), zero, fmt) - groups).pow(2).sum(-1)
+        if best is None:
+            best = [error, scale, zero_point]
+            continue
+        better = error < best[0]
+        best[0] = torch.where(better, error, best[0])
+        best[1] = torch.where(better, scale, best[1])
+        if zero_point is not None:
+            best[2] = torch.where(better, zero_point, best[2])
+    return best[1], best[2]
+
+
 def rtn_quantize(weight: torch.Tensor, fmt: WeightFormat, *, quantile: float = 1.0,
                  mse_clip: bool = False) -> QuantizedWeight:
     """Round-to-nearest quantization of a weight `[out, in]` or `[out, in, *kernel]` (see the module docstring)."""
     values = grouped(weight, fmt)
     groups = _split(values, fmt, fmt.grouped_shape(weight.shape)[1])
-    if not mse_clip:
-        codes, scale, zero_point = _codes_for(groups, fmt, quantile)
+    if mse_clip:
+        scale, zero_point = mse_group_parameters(groups, fmt, quantile)
+        zero = None if zero_point is None else zero_point.unsqueeze(-1)
+        codes = quantize_values(groups, scale.unsqueeze(-1), zero, fmt)
     else:
-        best = None
-        for ratio in MSE_CLIP_RATIOS:
-            codes, scale, zero_point = _codes_for(groups, fmt, quantile * ratio)
-            zero = None if zero_point is None else zero_point.unsqueeze(-1)
-            error = (dequantize_values(codes, scale.unsqueeze(-1), zero, fmt) - groups).pow(2).sum(-1)
-            if best is None:
-                best = [error, codes, scale, zero_point]
-                continue
-            better = error < best[0]
-            best[0] = torch.where(better, error, best[0])
-            best[1] = torch.where(better.unsqueeze(-1), codes, best[1])
-            best[2] = torch.where(better, scale, best[2])
-            if zero_point is not None:
-                best[3] = torch.where(better, zero_point, best[3])
-        _, codes, scale, zero_point = best
+        codes, scale, zero_point = _codes_for(groups, fmt, quantile)
     rows, cols = values.shape
     flat = codes.reshape(rows, -1)
     if flat.shape[1] < cols:  # packing padding past the last whole group: the zero-point code (value 0)

@@ -258,3 +258,18 @@ def test_hopeless_hessian_raises():
         gptq_quantize(random_weight(8, 16), _indefinite(16, -1e6), WeightFormat(4, 8))
     with pytest.raises(CalibrationError, match="non-finite"):
         gptq_quantize(random_weight(8, 16), torch.full((16, 16), float("nan")), WeightFormat(4, 8))
+
+
+def test_mse_clip_groups_dequantize_exactly_and_clip_the_range():
+    from pt2q.algorithms.gptq import _gptq
+
+    torch.manual_seed(3)
+    x = torch.randn(256, 64) @ torch.randn(64, 64)
+    weight = torch.randn(24, 64) * torch.rand(24, 64).pow(3) * 4       # heavy tails: clipping pays
+    hessian = 2 * x.t() @ x / x.shape[0]
+    fmt = WeightFormat(bits=3, group_size=32, sym=False)
+    plain, _ = _gptq(weight, hessian, fmt, 128, 0.01, False, False, False)
+    clipped, used = _gptq(weight, hessian, fmt, 128, 0.01, False, False, True)
+    assert torch.equal(clipped.dequantize(), used)
+    assert (clipped.scale <= plain.scale * 1.0001).float().mean() > 0.5   # most groups got a narrower range
+    assert not torch.equal(clipped.scale, plain.scale)
