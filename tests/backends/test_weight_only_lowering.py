@@ -126,7 +126,8 @@ def test_kernel_choice_and_numerics(model_and_input, name, caplog):
 
 @pytest.mark.parametrize("dims, fmt, activation_dtype, kernel, reason", [
     ((64, 40), WeightFormat(bits=4, group_size=32), torch.bfloat16, None, "N=40 is not a multiple of 16"),
-    ((48, 32), WeightFormat(bits=4, group_size=32), torch.bfloat16, None, "K=48 is not a multiple of group_size=32"),
+    ((48, 32), WeightFormat(bits=4, group_size=32), torch.bfloat16, INT4_KERNEL, ""),  # last group padded: x padded
+    ((576, 32), WeightFormat(bits=4, group_size=128, sym=False), torch.bfloat16, INT4_KERNEL, ""),  # SmolLM2's K
     ((64, 32), WeightFormat(bits=4, group_size=16), torch.bfloat16, None, "group_size=16"),
     ((64, 32), WeightFormat(bits=4, group_size=32, group_dim=0), torch.bfloat16, None, "group_dim=0"),
     ((64, 32), WeightFormat(bits=8, group_size=32), torch.bfloat16, None, "one scale per output channel"),
@@ -152,6 +153,8 @@ def test_shapes_and_formats(dims, fmt, activation_dtype, kernel, reason):
         assert torch.equal(_output(out(x)), expected)
         return
     assert aten.reshape.default not in targets(out)
+    assert (aten.constant_pad_nd.default in targets(out)) == (dims[0] % max(fmt.group_size, 1) != 0
+                                                              and fmt.group_size != -1 and kernel == INT4_KERNEL)
     bound = FP32_REL if activation_dtype == torch.float32 else BF16_REL
     assert rel_error(_output(out(x)), expected) < bound
     if kernel == INT4_KERNEL and fmt.group_size in (-1, 512):

@@ -31,7 +31,8 @@ What the kernels accept (checked on this torch; the pass falls back when any fai
 - int4: bits 4, integer codes (sym or asym), group_dim 1, N a multiple of 16 (weight conversion), kernel
   group g in {32, 64, 128, 256} with K a multiple of g. A format group that is a multiple of such a g
   (e.g. 512, or -1 = per channel) is lowered with its scales repeated over g-wide kernel groups
-  (exact); a group of 16 or a K that is not a multiple of the group (a zero-padded last group) falls back.
+  (exact); a K that is not a multiple of the group (a zero-padded last group, e.g. K=576 with g128) runs
+  on K padded to whole groups with x padded by zeros (exact); a group of 16 falls back.
 - Anything else (2/3/5/6/7 bits, nf4/fp4 code tables, group_dim 0, asymmetric int8, grouped int8, x not
   fp32/bf16/fp16 or without shape metadata) keeps dequantize + linear.
 
@@ -282,6 +283,7 @@ class LowerWeightOnly:
         if x_val.dim() < 1 or x_val.dtype not in _INPUT_DTYPES or x_val.shape[-1] != in_features:
             raise _Fallback(f"input {x_val.dtype} {tuple(x_val.shape)} is not a float [..., {in_features}] tensor")
         note = ""
+        self._padded_k = in_features
         if bits == 8:
             kernel, kernel_group = INT8_KERNEL, None
             weight_args = self._int8_constants(packed, scale, zero_point, out_features, in_features, group_size)
@@ -318,21 +320,22 @@ class LowerWeightOnly:
                             "(_convert_weight_to_int4pack_for_cpu)")
         per_channel = group_size == -1 or scale.shape[1] == 1  # one group spanning K
         width = in_features if per_channel else group_size
-        fits = [g for g in INT4_GROUP_SIZES if width % g == 0 and in_features % g == 0]
-        if not per_channel and in_features % group_size:
-            raise _Fallback(f"K={in_features} is not a multiple of group_size={group_size} (a zero-padded last "
-                            "group): _weight_int4pack_mm_for_cpu needs whole groups")
+        # A zero-padded last group: the kernel runs on K padded to whole groups, x padded with zeros (exact:
+        # the padding columns multiply zeros).
+        padded_k = in_features if per_channel else -(-in_features // group_size) * group_size
+        fits = [g for g in INT4_GROUP_SIZES if width % g == 0 and padded_k % g == 0]
         if not fits:
             raise _Fallback(f"group_size={group_size} with K={in_features}: _weight_int4pack_mm_for_cpu takes "
                             f"groups of {', '.join(map(str, sorted(INT4_GROUP_SIZES)))} dividing K")
         kernel_group = fits[0]
-        codes = unpack_codes(packed, 4)[:out_features, :in_features].to(torch.int32).contiguous()
+        codes = unpack_codes(packed, 4)[:out_features, :padded_k].to(torch.int32).contiguous()
         weight = aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         # kernel group j covers columns [j*g, (j+1)*g), inside format group (j*g) // width
-        index = torch.arange(in_features // kernel_group) * kernel_group // width
+        index = torch.arange(padded_k // kernel_group) * kernel_group // width
         scales = scale[:out_features, index].to(torch.float32)
         zeros = (8.0 - (8.0 if zero_point is None else zero_point[:out_features, index].to(torch.float32))) * scales
         scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(self.activation_dtype).contiguous()
+        self._padded_k = padded_k
         return kernel_group, (weight, scales_and_zeros)
 
     def _kernel_call(self, kernel, x, weight_args, kernel_group):
@@ -353,8 +356,9 @@ class LowerWeightOnly:
         x = torch.randn(2, in_features, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected = x @ reference_weight.t()
+            padded = torch.nn.functional.pad(x, (0, self._padded_k - in_features))
             try:
-                actual = self._kernel_call(kernel, x.to(self.activation_dtype), weight_args, kernel_group)
+                actual = self._kernel_call(kernel, padded.to(self.activation_dtype), weight_args, kernel_group)
             except RuntimeError as error:
                 raise _Fallback(f"{kernel} rejected the layer: {str(error).splitlines()[0]}") from error
             actual = actual[:, rows].float()
@@ -388,6 +392,8 @@ class LowerWeightOnly:
             names = ("weight", "scales") if kernel == INT8_KERNEL else ("weight", "scales_and_zeros")
             weight_nodes = [constant(suffix, value) for suffix, value in zip(names, weight_args)]
             flat = x if x_val.dim() == 2 else add(aten.reshape.default, x, [-1, in_features])
+            if self._padded_k != in_features:  # a zero-padded last group (see _int4_constants)
+                flat = add(aten.constant_pad_nd.default, flat, [0, self._padded_k - in_features], 0.0)
             cast = flat if x_val.dtype == self.activation_dtype else \
                 add(aten._to_copy.default, flat, dtype=self.activation_dtype)
             if kernel == INT8_KERNEL:
