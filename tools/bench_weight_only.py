@@ -1,0 +1,496 @@
+"""Weight-only quantization: pt2q's RTN / GPTQ / AWQ against torchao and Intel Neural Compressor.
+
+Part 1, accuracy on the real all-MiniLM-L6-v2: every method sees the same calibration text (128 sentences
+in batches of 8 x 128 tokens) and is scored on the same 256 disjoint evaluation sentences, all in one
+process: mean / min cosine of the pooled sentence embeddings against fp32 eager, quantize wall time and,
+for pt2q, the `.pt2` archive size and the bytes of the packed linears. pt2q's models are scored eagerly
+(the dequantize path, exact to fp32 rounding); peers' models eagerly too.
+
+Part 2, decode-step latency (one token, batch 1 and batch 8, no KV cache) of a LLaMA-shaped model with
+random weights (hidden 2048, MLP 5632, 2 layers, vocabulary 1024 so the float LM head stays small):
+fp32 and bf16 Inductor, torchao's weight-only configs under torch.compile, and pt2q RTN W8 / W4 compiled
+with `pt2q.backends.inductor.compile` (its weight-only kernel lowering; `weight_only_kernels` is counted
+when the backend exposes it). Latency = median over interleaved rounds; speedup is against fp32 Inductor.
+
+On a machine shared with other busy processes, multi-threaded (OpenMP) kernels stall whenever one of
+their threads is descheduled: `--threads 1` runs part 1 single-threaded (so quantize times compare the
+work, not the stalls), and part 2 is measured at each of `--decode-threads` (default: all cores, and 1).
+The 1-minute load average is recorded beside the timings. Partial results are written to --out after
+every step (marked "partial": true) until the final JSON replaces them.
+
+Peers (torchao, neural-compressor-pt) are each guarded: one that is missing or crashes is recorded as
+{"error": ..., "traceback_tail": [...]} and the benchmark goes on. The acceptance figures are written
+under "targets" with whether this run meets them (informational, nothing is asserted).
+
+    .venv/bin/python tools/bench_weight_only.py --threads 1 --out /tmp/bench_weight_only.json
+    .venv/bin/python tools/bench_weight_only.py --quick --out /tmp/quick.json   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import gc
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402,F401
+
+import pt2q  # noqa: E402
+from pt2q import demo, textdata  # noqa: E402
+from pt2q.backends import inductor  # noqa: E402
+
+SETTINGS = {
+    "W4_g32_sym": {"bits": 4, "group_size": 32, "sym": True},
+    "W4_g32_asym": {"bits": 4, "group_size": 32, "sym": False},
+    "W3_g32_asym": {"bits": 3, "group_size": 32, "sym": False},
+    "W8_perchannel_sym": {"bits": 8, "group_size": -1, "sym": True},
+}
+PT2Q_METHODS = {
+    "pt2q_rtn": lambda s: pt2q.RTNConfig(**s),
+    "pt2q_rtn_mse_clip": lambda s: pt2q.RTNConfig(**s, mse_clip=True),
+    "pt2q_gptq": lambda s: pt2q.GPTQConfig(**s),
+    "pt2q_gptq_act_order": lambda s: pt2q.GPTQConfig(**s, act_order=True),
+    "pt2q_awq": lambda s: pt2q.AWQConfig(**s),
+}
+# INC methods per setting (its 3.x API; W8 per channel: RTN only, as a reference point).
+INC_METHODS = {
+    "W4_g32_sym": ("rtn", "gptq", "awq"),
+    "W4_g32_asym": ("rtn", "gptq"),  # INC's AWQ takes ~15 min here: run at W4 sym and W3 asym only
+    "W3_g32_asym": ("rtn", "gptq", "awq"),
+    "W8_perchannel_sym": ("rtn",),
+}
+LLAMA_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 2,
+               "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 1024,
+               "max_position_embeddings": 128}
+
+
+CHECKPOINT: dict = {}  # {"path": ..., "results": ...}: partial results written after every step
+
+
+def checkpoint() -> None:
+    """Write the results so far to --out (marked partial): a run stopped half way keeps its figures."""
+    if CHECKPOINT.get("path"):
+        import json
+
+        with open(CHECKPOINT["path"], "w") as file:
+            json.dump({"partial": True, **CHECKPOINT["results"]}, file, indent=2)
+
+
+def log(message: str) -> None:
+    print(f"[bench_weight_only {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def failure(error: BaseException, **extra) -> dict:
+    return {"error": f"{type(error).__name__}: {error}"[:2000],
+            "traceback_tail": traceback.format_exc().splitlines()[-12:], **extra}
+
+
+def cosine_figures(reference, candidate, batches) -> dict:
+    cosines = demo.embedding_cosines(reference, candidate, batches)
+    return {"mean_cos": cosines.mean().item(), "min_cos": cosines.min().item(), "sentences": cosines.numel()}
+
+
+class Clock:
+    """Wall and process CPU seconds of a block, and the 1-minute load average when it started: on a
+    machine shared with other busy processes, wall time swings with their load and CPU time less."""
+
+    def __enter__(self):
+        self.load_average = load_average()
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def figures(self) -> dict:
+        return {"quantize_s": self.wall, "quantize_cpu_s": self.cpu, "load_average_1min_at_start": self.load_average}
+
+
+def load_average() -> float | None:
+    with contextlib.suppress(OSError):
+        return os.getloadavg()[0]
+    return None
+
+
+def archive_bytes(graph_module) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench_wo_") as folder:
+        path = os.path.join(folder, "model.pt2")
+        pt2q.save(graph_module, path)
+        return os.path.getsize(path)
+
+
+# ---------------------------------------------------------------------------------------------- Part 1
+
+
+def run_pt2q(model, config, calib, evaluation) -> dict:
+    with Clock() as clock:
+        qmodel = pt2q.quantize(model, config, calib, progress=False)
+    report = qmodel.meta.get("pt2q_weight_only_report")
+    figures = {**cosine_figures(model, qmodel, evaluation), **clock.figures(),
+               "archive_bytes": archive_bytes(qmodel), "config": repr(config)}
+    if report is not None:
+        figures.update(packed_bytes=report.packed_bytes, float_bytes=report.float_bytes,
+                       quantized_linears=len(report.layers), kept_float=len(report.kept_float),
+                       calibration_s=report.calibration_seconds)
+    return figures
+
+
+def run_torchao(model, config, evaluation) -> dict:
+    from torchao.quantization import quantize_
+
+    candidate = copy.deepcopy(model)
+    with Clock() as clock:
+        quantize_(candidate, config)
+    return {**cosine_figures(model, candidate, evaluation), **clock.figures(), "config": repr(config)}
+
+
+def torchao_minilm_peers() -> dict:
+    """setting -> {method name: torchao config factory}: its weight-only configs that run on CPU."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    peers = {"W8_perchannel_sym": {"torchao_int8wo": Int8WeightOnlyConfig}}
+    # torchao 0.18's Int4WeightOnlyConfig has no CPU layout (plain needs the mslk package, tile_packed_to_4d
+    # CUDA); the CPU one is the prototype Int4OpaqueTensor config: asymmetric (tinygemm qparams), grouped.
+    def int4_cpu():
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+        return PrototypeInt4WeightOnlyConfig(group_size=32, set_inductor_config=False)
+    peers["W4_g32_asym"] = {"torchao_int4wo_cpu_prototype": int4_cpu}
+    return peers
+
+
+def run_inc(model, method: str, setting: dict, calib, evaluation) -> dict:
+    from neural_compressor.torch.quantization import AWQConfig, GPTQConfig, RTNConfig, convert, prepare, quantize
+    from transformers import BatchEncoding
+
+    def run_fn(prepared):
+        with torch.no_grad():
+            for batch in calib:
+                prepared(**batch)
+
+    common = {"bits": setting["bits"], "group_size": setting["group_size"], "use_sym": setting["sym"]}
+    candidate = copy.deepcopy(model)
+    clock = Clock().__enter__()
+    if method == "rtn":
+        config = RTNConfig(**common, use_layer_wise=False)
+        quantized = convert(prepare(candidate, config))
+    elif method == "gptq":
+        config = GPTQConfig(**common)
+        prepared = prepare(candidate, config, example_inputs=calib[0])
+        run_fn(prepared)
+        quantized = convert(prepared)
+    elif method == "awq":
+        config = AWQConfig(**common)
+        # INC's AWQ calls example_inputs.to(device): a BatchEncoding is the dict that has .to()
+        quantized = quantize(candidate, config, run_fn=run_fn, example_inputs=BatchEncoding(calib[0]))
+    else:
+        raise ValueError(method)
+    clock.__exit__()
+    return {**cosine_figures(model, quantized, evaluation), **clock.figures(),
+            "config": {k: v for k, v in config.to_dict().items() if not isinstance(v, (dict, list))}
+            if hasattr(config, "to_dict") else repr(config)}
+
+
+def inc_version() -> str | None:
+    from importlib import metadata
+
+    for name in ("neural-compressor-pt", "neural-compressor"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return f"{name} {metadata.version(name)}"
+    return None
+
+
+def minilm_part(args, part: dict) -> dict:
+    tokenizer, model = demo.load_minilm()
+    calib_texts, eval_texts = textdata.split(args.calib_sentences, args.eval_sentences)
+    calib = demo.encode_batches(tokenizer, calib_texts, args.batch_size, args.seq_len)
+    evaluation = demo.encode_batches(tokenizer, eval_texts, args.batch_size, args.seq_len)
+    part.update({"calib_batches": len(calib), "eval_batches": len(evaluation),
+                 "batch": [args.batch_size, args.seq_len],
+                 "fp32_archive_bytes": archive_bytes(pt2q.capture(model, (), calib[0]))})
+    settings = {name: SETTINGS[name] for name in args.settings}
+    torchao_peers, inc_ready = {}, None
+    if not args.skip_peers:
+        try:
+            torchao_peers = torchao_minilm_peers()
+        except Exception as error:  # noqa: BLE001 - a peer failing is a result
+            part["torchao_error"] = failure(error)
+        try:
+            import neural_compressor.torch.quantization  # noqa: F401
+            logging.getLogger("neural_compressor").setLevel(logging.WARNING)  # its per-step INFO lines
+            inc_ready = inc_version()
+            part["inc_version"] = inc_ready
+        except Exception as error:  # noqa: BLE001
+            part["inc_error"] = failure(error)
+    for name, setting in settings.items():
+        results = part[name] = {}
+        # Each peer runs right after the pt2q method it compares with (same algorithm), so that the
+        # quantize times of a pair see about the same machine load.
+        jobs = []
+        for method, make_config in PT2Q_METHODS.items():
+            jobs.append((method, lambda make=make_config: run_pt2q(model, make(setting), calib, evaluation)))
+            algorithm = method.removeprefix("pt2q_")
+            if not args.skip_peers and algorithm in INC_METHODS.get(name, ()):
+                jobs.append((f"inc_{algorithm}", None if inc_ready is None else
+                             lambda a=algorithm: run_inc(model, a, setting, calib, evaluation)))
+        if not args.skip_peers:
+            for method, make_config in torchao_peers.get(name, {}).items():
+                jobs.append((method, lambda make=make_config: run_torchao(model, make(), evaluation)))
+        for method, job in jobs:
+            log(f"minilm {name} {method}")
+            if job is None:
+                results[method] = {"error": "neural_compressor.torch is not importable: see inc_error"}
+                continue
+            try:
+                results[method] = job()
+            except Exception as error:  # noqa: BLE001 - a crash (ours or a peer's) is a result
+                results[method] = failure(error)
+            gc.collect()
+            checkpoint()
+    return part
+
+
+# ---------------------------------------------------------------------------------------------- Part 2
+
+
+def llama_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA_SHAPE, use_cache=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def logits_of(function):
+    def run(**batch):
+        output = function(**batch)
+        return output[0] if isinstance(output, (tuple, list)) else output.logits
+    return run
+
+
+def compile_pt2q_float(model, example):
+    compiled = inductor.compile(pt2q.capture(model, (), example), example)
+    return compiled, {}
+
+
+def compile_pt2q_rtn(model, example, config):
+    start = time.perf_counter()
+    qmodel = pt2q.quantize(model, config, example_inputs=example, progress=False)
+    quantize_s = time.perf_counter() - start
+    compiled = inductor.compile(qmodel, example)
+    figures = {"quantize_s": quantize_s, "config": repr(config)}
+    kernels = getattr(compiled, "weight_only_kernels", None)
+    if kernels is not None:
+        figures["weight_only_kernels"] = dict(collections.Counter(kernels.values()))
+    else:
+        figures["weight_only_kernels"] = "attribute not present (backend without weight-only lowering)"
+    report = qmodel.meta.get("pt2q_weight_only_report")
+    if report is not None:
+        figures.update(packed_bytes=report.packed_bytes, float_bytes=report.float_bytes)
+    return compiled, figures
+
+
+def compile_torchao(model, example, make_config):
+    from torchao.quantization import quantize_
+
+    start = time.perf_counter()
+    quantize_(model, make_config())
+    quantize_s = time.perf_counter() - start
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        compiled(**example)
+    return compiled, {"quantize_s": quantize_s, "config": repr(make_config()),
+                      "compile": "torch.compile (default Inductor settings, no freezing)"}
+
+
+def decode_contenders(skip_peers: bool) -> dict:
+    """name -> (model dtype, compile(model copy in that dtype, example) -> (callable, figures))."""
+    chosen = {
+        "fp32_inductor": (torch.float32, compile_pt2q_float),
+        "bf16_inductor": (torch.bfloat16, compile_pt2q_float),
+        "pt2q_rtn_w8_perchannel": (torch.float32, lambda m, e: compile_pt2q_rtn(
+            m, e, pt2q.RTNConfig(bits=8, group_size=-1))),
+        "pt2q_rtn_w4_g32": (torch.float32, lambda m, e: compile_pt2q_rtn(m, e, pt2q.RTNConfig(bits=4, group_size=32))),
+        "pt2q_rtn_w4_g128": (torch.float32, lambda m, e: compile_pt2q_rtn(
+            m, e, pt2q.RTNConfig(bits=4, group_size=128))),
+    }
+    if not skip_peers:
+        def int8():
+            from torchao.quantization import Int8WeightOnlyConfig
+            return Int8WeightOnlyConfig(set_inductor_config=False)
+
+        def int4(group_size):
+            def make():
+                from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+                return PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False)
+            return make
+
+        for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            chosen[f"torchao_int8wo_{tag}"] = (dtype, lambda m, e, f=int8: compile_torchao(m, e, f))
+            chosen[f"torchao_int4wo_g32_{tag}"] = (dtype, lambda m, e, f=int4(32): compile_torchao(m, e, f))
+        chosen["torchao_int4wo_g128_bf16"] = (torch.bfloat16, lambda m, e, f=int4(128): compile_torchao(m, e, f))
+    return chosen
+
+
+def decode_part(args, part: dict) -> dict:
+    model = llama_model()
+    part["model"] = {"class": "LlamaForCausalLM", **LLAMA_SHAPE, "use_cache": False,
+                     "parameters": sum(p.numel() for p in model.parameters())}
+    default_threads = torch.get_num_threads()
+    try:
+        for threads in args.decode_threads:
+            # Inductor's C++ kernels fix their OpenMP thread count when generated: compile per thread count
+            torch.set_num_threads(threads or default_threads)
+            decode_runs(args, model, part.setdefault(f"threads_{torch.get_num_threads()}", {}))
+    finally:
+        torch.set_num_threads(default_threads)
+    return part
+
+
+def decode_runs(args, model, part: dict) -> dict:
+    chosen = decode_contenders(args.skip_peers)
+    for batch_size in args.decode_batches:
+        generator = torch.Generator().manual_seed(batch_size)
+        example = {"input_ids": torch.randint(0, LLAMA_SHAPE["vocab_size"], (batch_size, 1), generator=generator)}
+        with torch.no_grad():
+            reference = model(**example).logits.float()
+        results = part[f"batch_{batch_size}"] = {}
+        runners = {}
+        for name, (dtype, compile_fn) in chosen.items():
+            log(f"decode {torch.get_num_threads()} threads, batch {batch_size}: {name}")
+            try:
+                copy_ = copy.deepcopy(model).to(dtype)
+                (runner, figures), compile_s = demo.timed_cold(compile_fn, copy_, example)
+                runner = logits_of(runner)
+                with torch.no_grad():
+                    got = runner(**example).float()
+                cos = torch.nn.functional.cosine_similarity(got.flatten(1), reference.flatten(1), dim=-1)
+                results[name] = {"setup_s": compile_s, "logits_cos_vs_fp32_eager": cos.min().item(), **figures}
+                runners[name] = runner
+            except Exception as error:  # noqa: BLE001
+                results[name] = failure(error)
+            gc.collect()
+            checkpoint()
+        log(f"decode batch {batch_size}: timing {len(runners)} contenders")
+        results["load_average_1min_before"] = load_average()
+        latencies = demo.interleaved_latencies(runners, example, args.rounds, args.runs)
+        results["load_average_1min_after"] = load_average()
+        fp32 = latencies.get("fp32_inductor")
+        bf16 = latencies.get("bf16_inductor")
+        for name, latency in latencies.items():
+            results[name]["latency_ms"] = latency * 1e3
+            if fp32:
+                results[name]["speedup_vs_fp32_inductor"] = fp32 / latency
+            if bf16:
+                results[name]["speedup_vs_bf16_inductor"] = bf16 / latency
+        del runners
+        gc.collect()
+        checkpoint()
+    return part
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+
+def _get(tree, *keys):
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def targets(results: dict) -> dict:
+    """The acceptance figures, with this run's numbers beside them (informational: nothing asserted)."""
+    minilm, decode = results.get("minilm", {}), results.get("decode", {})
+    out = {}
+    gptq = _get(minilm, "W4_g32_sym", "pt2q_gptq")
+    inc_gptq = _get(minilm, "W4_g32_sym", "inc_gptq")
+    out["minilm_W4_g32_sym_gptq_mean_cos>=0.985"] = {
+        "value": _get(gptq, "mean_cos"), "met": None if _get(gptq, "mean_cos") is None else gptq["mean_cos"] >= 0.985}
+    for clock in ("quantize_s", "quantize_cpu_s"):
+        ours, theirs = _get(gptq, clock), _get(inc_gptq, clock)
+        out[f"minilm_W4_g32_sym_gptq_faster_than_inc_gptq ({clock})"] = {
+            "pt2q": ours, "inc": theirs, "met": None if None in (ours, theirs) else ours < theirs}
+    awq_vs_rtn = {}
+    for setting, methods in minilm.items():
+        if isinstance(methods, dict) and "pt2q_awq" in methods and "pt2q_rtn" in methods:
+            awq, rtn = _get(methods, "pt2q_awq", "mean_cos"), _get(methods, "pt2q_rtn", "mean_cos")
+            awq_vs_rtn[setting] = {"awq": awq, "rtn": rtn, "met": None if None in (awq, rtn) else awq >= rtn}
+    out["minilm_awq_mean_cos>=rtn"] = awq_vs_rtn
+    w3 = {m: v["mean_cos"] for m, v in minilm.get("W3_g32_asym", {}).items()
+          if m.startswith("pt2q_") and isinstance(v, dict) and "mean_cos" in v}
+    best = max(w3, key=w3.get) if w3 else None
+    out["minilm_W3_g32_asym_best_mean_cos>=0.95"] = {"best": best, "value": w3.get(best),
+                                                     "met": None if best is None else w3[best] >= 0.95}
+    for threads, runs in decode.items():
+        if not threads.startswith("threads_"):
+            continue
+        b1 = runs.get("batch_1", {})
+        bf16 = _get(b1, "bf16_inductor", "latency_ms")
+        for tag, name, factor in (("int4_g32", "pt2q_rtn_w4_g32", 3.0), ("int4_g128", "pt2q_rtn_w4_g128", 3.0),
+                                  ("int8", "pt2q_rtn_w8_perchannel", 2.0)):
+            speedup, latency = _get(b1, name, "speedup_vs_fp32_inductor"), _get(b1, name, "latency_ms")
+            out[f"decode_{threads}_b1_{tag}_speedup>={factor:g}x_and_faster_than_bf16"] = {
+                "contender": name, "speedup_vs_fp32_inductor": speedup, "latency_ms": latency, "bf16_ms": bf16,
+                "met": None if None in (speedup, latency, bf16) else speedup >= factor and latency < bf16}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="JSON output path (default: stdout only)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 calibration / 2 evaluation batches, "
+                                                             "few latency rounds")
+    parser.add_argument("--skip-peers", action="store_true", help="pt2q only (no torchao, no INC)")
+    parser.add_argument("--skip-decode", action="store_true", help="skip part 2 (LLaMA decode latency)")
+    parser.add_argument("--skip-minilm", action="store_true", help="skip part 1 (MiniLM accuracy)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads for part 1 (0: torch's default, all cores); 1 keeps a busy shared "
+                             "machine's OpenMP stalls out of the quantize times")
+    parser.add_argument("--decode-batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--decode-threads", nargs="+", type=int, default=[0, 1],
+                        help="intra-op thread counts for part 2 (0: torch's default, all cores). On a machine "
+                             "shared with other busy processes, multi-threaded Inductor kernels stall at OpenMP "
+                             "barriers; the 1-thread figures show the kernels without that")
+    args = parser.parse_args(argv)
+    args.batch_size, args.seq_len = 8, 128
+    args.calib_sentences, args.eval_sentences = (16, 16) if args.quick else (128, 256)
+    args.rounds, args.runs = (2, 3) if args.quick else (7, 10)
+
+    warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+    # torch.compile of many copies of one model class recompiles its forward per copy: without a higher
+    # limit, Dynamo would silently run later contenders eagerly
+    for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
+    start = time.perf_counter()
+    results: dict = {"settings": vars(args)}  # emit_json puts the machine record first
+    CHECKPOINT.update(path=args.out, results=results)
+    default_threads = torch.get_num_threads()
+    results["load_average_1min_at_start"] = load_average()
+    if not args.skip_minilm:
+        torch.set_num_threads(args.threads or default_threads)
+        results["minilm_threads"] = torch.get_num_threads()
+        minilm_part(args, results.setdefault("minilm", {}))
+        torch.set_num_threads(default_threads)
+    if not args.skip_decode:
+        decode_part(args, results.setdefault("decode", {}))
+    results["targets"] = targets(results)
+    results["total_runtime_s"] = time.perf_counter() - start
+    demo.emit_json(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
