@@ -42,6 +42,17 @@ def _reject_unknown_fields(cls, kwargs: dict) -> None:
             raise ConfigError(f"{cls.__name__} has no field {name!r}{hint}; valid fields: {', '.join(valid)}")
 
 
+def _check_rule_target(target) -> None:
+    """A set_local class must be an nn.Module subclass and a regex must compile (ConfigError otherwise)."""
+    if isinstance(target, type) and not issubclass(target, torch.nn.Module):
+        raise ConfigError(f"set_local target class {target.__name__} is not an nn.Module subclass")
+    if isinstance(target, str):
+        try:
+            re.compile(target)
+        except re.error as error:
+            raise ConfigError(f"set_local({target!r}): not a valid regex: {error}") from error
+
+
 class _Config:
     """Shared behaviour: `set_local` and conversion to a quantizer. Subclasses define
     `scheme(quantizer_cls) -> QuantScheme`."""
@@ -73,13 +84,7 @@ class _Config:
         if not isinstance(target, (str, type, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             raise ConfigError(f"set_local target must be a module-name regex, an nn.Module class or an ATen op; "
                               f"got {target!r}")
-        if isinstance(target, type) and not issubclass(target, torch.nn.Module):
-            raise ConfigError(f"set_local target class {target.__name__} is not an nn.Module subclass")
-        if isinstance(target, str):
-            try:
-                re.compile(target)
-            except re.error as error:
-                raise ConfigError(f"set_local({target!r}): not a valid regex: {error}") from error
+        _check_rule_target(target)
         if config is not None:
             if not isinstance(config, _Config):
                 raise ConfigError(f"set_local config must be a StaticQuantConfig, DynamicQuantConfig or None; "
@@ -255,13 +260,7 @@ class _WeightOnlyConfig:
         """Another weight-only config (or None: keep float) for a module-name regex or nn.Module class."""
         if not isinstance(target, (str, type)):
             raise ConfigError(f"set_local target must be a module-name regex or an nn.Module class; got {target!r}")
-        if isinstance(target, type) and not issubclass(target, torch.nn.Module):
-            raise ConfigError(f"set_local target class {target.__name__} is not an nn.Module subclass")
-        if isinstance(target, str):
-            try:
-                re.compile(target)
-            except re.error as error:
-                raise ConfigError(f"set_local({target!r}): not a valid regex: {error}") from error
+        _check_rule_target(target)
         if config is not None and not isinstance(config, _WeightOnlyConfig):
             raise ConfigError(f"set_local({target!r}): a weight-only config takes RTNConfig, GPTQConfig, AWQConfig "
                               f"or None per layer; got {type(config).__name__}")
