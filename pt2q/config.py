@@ -215,6 +215,7 @@ class _WeightOnlyConfig:
 
     is_dynamic = False
     family = "weight_only"
+    algorithm = "rtn"       # the key of pt2q.weight_only.BLOCK_ALGORITHMS
     sequential = False      # calibrated block by block (GPTQ, AWQ) rather than not at all (RTN)
 
     def __post_init__(self):
@@ -327,6 +328,7 @@ class GPTQConfig(_WeightOnlyConfig):
     group_dim: int = 1
     local_rules: list = field(default_factory=list, repr=False, init=False)
 
+    algorithm = "gptq"
     sequential = True
     _flags = ("act_order", "static_groups", "true_sequential", "mse_clip")
     _ranges = {"percdamp": (0.0, 1.0, "a fraction in [0, 1]"), "block_size": (1, 1 << 20, "a positive integer"),
@@ -358,6 +360,7 @@ class AWQConfig(_WeightOnlyConfig):
     group_dim: int = 1
     local_rules: list = field(default_factory=list, repr=False, init=False)
 
+    algorithm = "awq"
     sequential = True
     _flags = ("auto_scale", "auto_clip")
     _ranges = {"n_samples": (1, 1 << 30, "a positive number of batches")}

@@ -201,14 +201,16 @@ def format_report(report: DemoReport) -> str:
         ("quantized layers / int8 kernels", f"{report.quantized_layers} / "
                                             f"{sum(report.int8_kernels.values())}"),
     ]
-    width = max(len(name) for name, _ in rows)
     settings = report.settings
-    machine = report.machine
-    lines = [f"pt2q demo: all-MiniLM-L6-v2, batch {settings['batch_size']}x{settings['seq_len']}, "
-             f"{machine.get('threads')} threads",
-             f"  {machine.get('isa_line')}"]
-    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
-    return "\n".join(lines)
+    title = f"pt2q demo: all-MiniLM-L6-v2, batch {settings['batch_size']}x{settings['seq_len']}"
+    return "\n".join(report_table(title, report.machine, rows))
+
+
+def report_table(title: str, machine: dict, rows: list[tuple[str, str]]) -> list[str]:
+    """A demo's printed report: title with the thread count, the ISA line, then aligned (name, value) rows."""
+    width = max(len(name) for name, _ in rows)
+    return [f"{title}, {machine.get('threads')} threads", f"  {machine.get('isa_line')}",
+            *(f"  {name:<{width}}  {value}" for name, value in rows)]
 
 
 def write_json(report: DemoReport, path: str | Path) -> None:

@@ -29,6 +29,7 @@ from .api import quantize, save
 from .backends import inductor
 from .capture import capture
 from .config import GPTQConfig
+from .demo import report_table
 from .isa import machine_info
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -234,9 +235,7 @@ def format_llm_report(report: LLMDemoReport) -> str:
                                                  f"{report.tokens_per_second_int4:.1f} tokens/s"),
         ("int4 kernels", ", ".join(f"{k}: {v}" for k, v in report.weight_only_kernels.items()) or "-"),
     ]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"pt2q demo --llm: SmolLM2-135M-Instruct, int{s['bits']} g{s['group_size']} GPTQ, "
-             f"{report.machine.get('threads')} threads", f"  {report.machine.get('isa_line')}"]
-    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    lines = report_table(f"pt2q demo --llm: SmolLM2-135M-Instruct, int{s['bits']} g{s['group_size']} GPTQ",
+                         report.machine, rows)
     lines += [f"  prompt: {report.prompt!r}", f"    fp32: {report.text_fp32!r}", f"    int4: {report.text_int4!r}"]
     return "\n".join(lines)

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-__all__ = ["dequantize_weight", "pack_codes", "unpack_codes", "packed_columns", "padded_columns"]
+__all__ = ["dequantize_weight", "pack_codes", "unpack_codes", "padded_columns"]
 
 
 def padded_columns(cols: int, group_size: int) -> int:
@@ -34,10 +34,6 @@ def padded_columns(cols: int, group_size: int) -> int:
     group = cols if group_size == -1 else group_size
     cols = -(-cols // group) * group
     return -(-cols // 8) * 8
-
-
-def packed_columns(padded: int, bits: int) -> int:
-    return padded // 8 * bits
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ Each algorithm is one module of `pt2q.algorithms`; what it does to one block is 
 """
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import time
@@ -75,10 +76,6 @@ class WeightOnlyReport:
         ratio = self.float_bytes / max(self.packed_bytes, 1)
         return (f"weight-only: {len(self.layers)} linears quantized ({self.float_bytes / 2**20:.1f} MiB float -> "
                 f"{self.packed_bytes / 2**20:.1f} MiB packed, {ratio:.1f}x), {len(self.kept_float)} kept float")
-
-
-def _algorithm(config) -> str:
-    return type(config).__name__.removesuffix("Config").lower().replace("weightonlyquant", "rtn")
 
 
 def _rule_config(config, node: Node):
@@ -145,7 +142,7 @@ def plan(graph_module: GraphModule, config) -> WeightOnlyPlan:
             raise ConfigError(f"{type(layer_config).__name__}.group_size={fmt.group_size} is larger than layer "
                               f"{fqn!r}'s {columns} {'input' if fmt.group_dim == 1 else 'output'} channels: use a "
                               f"group size <= {columns}, -1 (per channel), or set_local({fqn!r}, ...) for this layer")
-        if _algorithm(layer_config) != "rtn" and node.target is not aten.linear.default:
+        if layer_config.algorithm != "rtn" and node.target is not aten.linear.default:
             layer_config = _rtn_fallback(layer_config)  # GPTQ / AWQ treat linears; convs get round to nearest
         layers[node.name] = Layer(node.name, fqn, node.args[1].target, layer_config, fmt, tuple(weight.shape))
     if not layers:
@@ -246,17 +243,23 @@ class _InputSampler:
         return torch.cat(self.rows)
 
 
-def _single_use_constant(gm: GraphModule, node) -> torch.Tensor | None:
-    """The tensor behind get_attr `node` when that node is its only reference with one user, else None
-    (scaling a shared tensor in place would change another layer too)."""
+def _attr_references(gm: GraphModule) -> collections.Counter:
+    """How many get_attr nodes refer to each tensor (by id)."""
+    return collections.Counter(id(get_constant(gm, n)) for n in gm.graph.nodes if n.op == "get_attr")
+
+
+def _single_use_constant(gm: GraphModule, node, references: collections.Counter) -> torch.Tensor | None:
+    """The tensor behind get_attr `node` when that node is its only reference (`references`:
+    _attr_references) with one user, else None (scaling a shared tensor in place would change another
+    layer too)."""
     value = get_constant(gm, node)
     if value is None or len(node.users) != 1:
         return None
-    refs = [n for n in gm.graph.nodes if n.op == "get_attr" and get_constant(gm, n) is value]
-    return value if len(refs) == 1 else None
+    return value if references[id(value)] == 1 else None
 
 
-def _scaled_tensors(gm: GraphModule, group) -> tuple[list[tuple[torch.Tensor, str]], str]:
+def _scaled_tensors(gm: GraphModule, group, references: collections.Counter
+                    ) -> tuple[list[tuple[torch.Tensor, str]], str]:
     """[(tensor, how)] to scale in place for an AWQ scale on `group` (how: "div" a vector, "div_rows", or
     "mul_cols"), or ([], why not)."""
     from .passes.smooth_quant_groups import Absorb
@@ -272,20 +275,20 @@ def _scaled_tensors(gm: GraphModule, group) -> tuple[list[tuple[torch.Tensor, st
                 if position == 0:
                     return [], f"{producer.name} has no affine weight to absorb the scale"
                 continue
-            edits.append((_single_use_constant(gm, arg), "div"))
+            edits.append((_single_use_constant(gm, arg, references), "div"))
     elif absorber.how in (Absorb.OUTPUT_ROWS, Absorb.LINEAR_OPERAND):
         target = group.absorb_target if absorber.how is Absorb.LINEAR_OPERAND else producer
-        edits.append((_single_use_constant(gm, target.args[1]), "div_rows"))
+        edits.append((_single_use_constant(gm, target.args[1], references), "div_rows"))
         if len(target.args) > 2 and target.args[2] is not None:
-            edits.append((_single_use_constant(gm, target.args[2]), "div"))
+            edits.append((_single_use_constant(gm, target.args[2], references), "div"))
     elif absorber.how is Absorb.CONSTANT_OPERAND:
-        constants = [_single_use_constant(gm, a) for a in producer.args[:2]]
+        constants = [_single_use_constant(gm, a, references) for a in producer.args[:2]]
         constants = [c for c in constants if c is not None and c.numel() == group.channels]
         if not constants:
             return [], f"{producer.name}: the per-channel operand is not a plain constant"
         edits.append((constants[0], "div"))
     for consumer in group.consumers:
-        edits.append((_single_use_constant(gm, consumer.args[1]), "mul_cols"))
+        edits.append((_single_use_constant(gm, consumer.args[1], references), "mul_cols"))
     if any(tensor is None for tensor, _ in edits):
         return [], "a tensor to scale is shared with another layer"
     return edits, ""
@@ -307,7 +310,9 @@ def _awq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOn
     then per-layer clip search, then quantization."""
     from .algorithms.awq import awq_quantize, search_clip, search_scale
 
-    groups = {frozenset(c.name for c in g.consumers): g for g in plan_.state.setdefault("awq_groups", _awq_groups(gm))}
+    if "awq_groups" not in plan_.state:  # one analysis of the whole graph, before the first block
+        plan_.state["awq_groups"] = _awq_groups(gm)
+    groups = {frozenset(c.name for c in g.consumers): g for g in plan_.state["awq_groups"]}
     samples = block.runner.samples
     inputs: dict[str, torch.Tensor] = {}
     for stage in _stages(block, layers):
@@ -318,12 +323,13 @@ def _awq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOn
         group = next((g for names, g in groups.items() if {l.name for l in stage} <= names), None)
         note = "no absorb group found for these layers"
         if first.config.auto_scale and group is not None:
-            edits, note = _scaled_tensors(gm, group)
+            references = _attr_references(gm)
+            edits, note = _scaled_tensors(gm, group, references)
             members = set(block.segment.nodes)
             # A producer outside this block already ran: its outputs are stored, so the scale cannot go there.
             if edits and not ({group.producer, group.absorb_target} - {None}) <= members:
                 edits, note = [], "the producer is outside this block"
-            consumer_weights = [_single_use_constant(gm, c.args[1]) for c in group.consumers]
+            consumer_weights = [_single_use_constant(gm, c.args[1], references) for c in group.consumers]
             if all(w is not None for w in consumer_weights):
                 scales, ratio, error, plain = search_scale(x, consumer_weights, first.fmt, x_mean=sampler.mean)
                 if ratio is not None:
@@ -385,16 +391,16 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
     start = time.perf_counter()
     n_samples = config.n_samples if config.sequential else max(layer.config.n_samples for layer in sequential)
     batches = list(itertools.islice(iter(calib_data), n_samples))
-    runner = SequentialRunner(graph_module, batches, progress=progress, desc=f"pt2q {_algorithm(config)}")
+    runner = SequentialRunner(graph_module, batches, progress=progress, desc=f"pt2q {config.algorithm}")
 
     def on_block(block) -> None:
         members = {linear.name for linear in block.linears}
         by_algorithm: dict[str, dict[str, Layer]] = {}
         for name in members & set(plan_.layers):
-            by_algorithm.setdefault(_algorithm(plan_.layers[name].config), {})[name] = plan_.layers[name]
+            by_algorithm.setdefault(plan_.layers[name].config.algorithm, {})[name] = plan_.layers[name]
         for algorithm, layers in by_algorithm.items():
             BLOCK_ALGORITHMS[algorithm](graph_module, block, layers, plan_)
-        log.info("%s: block %s: %d layers quantized", _algorithm(config), block.name,
+        log.info("%s: block %s: %d layers quantized", config.algorithm, block.name,
                  sum(len(layers) for layers in by_algorithm.values()))
 
     def after_block(block) -> None:
@@ -432,7 +438,7 @@ def apply(graph_module: GraphModule, plan_: WeightOnlyPlan) -> WeightOnlyReport:
         passes.append(ScaleLinearInputs(plan_.state["awq_input_scales"]))
     PassManager(passes)(graph_module)
     plan_.packed.update(pack.report.layers)
-    layers = {name: {**info, "module": plan_.layers[name].module, "algorithm": _algorithm(plan_.layers[name].config)}
+    layers = {name: {**info, "module": plan_.layers[name].module, "algorithm": plan_.layers[name].config.algorithm}
               for name, info in plan_.packed.items()}
     return WeightOnlyReport(layers, dict(plan_.kept_float), sum(i["float_bytes"] for i in layers.values()),
                             sum(i["packed_bytes"] for i in layers.values()), plan_.calibration_seconds)
