@@ -94,6 +94,14 @@ class CpuIsa:
     def native_bf16(self) -> bool:
         return self.avx512_bf16 or self.amx_bf16
 
+    @property
+    def vector_isa(self) -> str:
+        """The x86 vector ISA ATen dispatches its kernels to here ("avx512", "avx2", or "default" for
+        anything else): what pt2q's own weight-only kernels are chosen by. It follows `capability`, so
+        ATEN_CPU_CAPABILITY=avx2 selects the AVX2 kernels on an AVX-512 machine too. (ATen's AVX2 level
+        implies FMA3, its AVX512 level AVX512F/BW/DQ/VL.)"""
+        return {"AVX512": "avx512", "AVX2": "avx2"}.get(self.capability, "default")
+
     def describe(self) -> str:
         """One line for logs, the demo and benchmark reports."""
         features = [name for name in _FEATURES if getattr(self, name)]
@@ -109,7 +117,7 @@ class CpuIsa:
         data = asdict(self)
         data["capped"] = list(self.capped)
         data.update(int8_dot_product=self.int8_dot_product, int8_saturates=self.int8_saturates,
-                    native_bf16=self.native_bf16)
+                    native_bf16=self.native_bf16, vector_isa=self.vector_isa)
         return data
 
 

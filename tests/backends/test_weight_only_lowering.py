@@ -6,7 +6,9 @@ layers measured ~4e-3 relative error against the fp32 dequantize + linear graph,
 relative and cosine >= 0.9999. With fp32 activations the kernels compute the same products as the
 dequantized weight in fp32: 1e-5 relative. Fallback layers are the untouched graph: identical outputs.
 
-Only one test compiles with Inductor (slow on 2 cores); the rest run the rewritten GraphModule eagerly.
+These tests pin ATen's kernels (`kernels="aten"`: they test ATen's contract); pt2q's own kernels and the
+kernel table are tested in test_weight_only_kernels.py. Only one test compiles with Inductor (slow on 2
+cores); the rest run the rewritten GraphModule eagerly.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ def packed_model(model, x, fmt: WeightFormat):
 
 
 def lowered(gm, **options):
+    options.setdefault("kernels", "aten")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's LeafSpec deprecation when deep-copying
         copied = copy.deepcopy(gm)
@@ -172,8 +175,9 @@ def test_dynamic_activations_fall_back_to_int4_with_one_logged_reason(model_and_
     assert rel_error(_output(out(x)), _output(gm(x))) < BF16_REL
 
 
-def test_inductor_compile_lowers_and_leaves_the_model_alone(model_and_input):
+def test_inductor_compile_lowers_and_leaves_the_model_alone(model_and_input, monkeypatch):
     """The one compiled test: W8 on `up`, W4 g32 asym on `down`, through pt2q's Inductor compile."""
+    monkeypatch.setenv("PT2Q_WEIGHT_ONLY_KERNELS", "aten")
     model, x = model_and_input
     torch.manual_seed(0)
     gm = pt2q.capture(model, (x,))
