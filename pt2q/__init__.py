@@ -5,13 +5,15 @@ import logging as _logging
 _logging.getLogger("torchao").setLevel(_logging.ERROR)
 
 from . import isa  # noqa: E402,F401 - pt2q.isa.detect(): what this CPU's int8/bf16 kernels can do
-from .api import calibrate, convert, count_quantized_layers, load, prepare, quantize, save  # noqa: E402
+# Before the api import: importing the submodule pt2q.smooth_quant binds that name to the module, and the
+# api import below rebinds it to the function pt2q.smooth_quant().
+from .smooth_quant import SmoothQuantConfig  # noqa: E402
+from .api import calibrate, convert, count_quantized_layers, load, prepare, quantize, save, smooth_quant  # noqa: E402
 from .capture import capture  # noqa: E402
 from .config import (AWQConfig, DynamicQuantConfig, GPTQConfig, RTNConfig, StaticQuantConfig,  # noqa: E402
                      WeightOnlyQuantConfig)
 from .errors import CalibrationError, CaptureError, ConfigError, NotPreparedError, Pt2qError  # noqa: E402
 from .quantizers import X86Quantizer, XPUQuantizer  # noqa: E402
-from .smooth_quant import SmoothQuantConfig, smooth_quant  # noqa: E402
 
 __version__ = "0.1.0"
 

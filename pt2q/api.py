@@ -9,9 +9,7 @@ never modified; `prepare` works on a capture of it.
 """
 from __future__ import annotations
 
-import collections
 import io
-import itertools
 import json
 import logging
 import os
@@ -20,17 +18,13 @@ from typing import Any, Iterable
 import torch
 from torch.fx import GraphModule
 
-from . import meta
-from .calibration import check_batches_iterable, observers, run_calibration, sized
-from .capture import EXAMPLE_INPUTS_KEY, capture, fresh_copy, normalize_inputs
-from .config import CONFIG_KINDS, AWQConfig, DynamicQuantConfig, GPTQConfig, RTNConfig, StaticQuantConfig, config_class
-from .errors import CalibrationError, ConfigError, NotPreparedError, Pt2qError
-from .graph import own_tensors
-from .isa import detect as detect_isa
-from .passes.manager import PassManager
-from .passes.torchao_convert import TorchaoConvert
-from .passes.torchao_prepare import TorchaoPrepare
-from .quantizers import QUANTIZERS
+from . import meta, pipeline
+from .calibration import observers
+from .capture import EXAMPLE_INPUTS_KEY
+from .config import AWQConfig, DynamicQuantConfig, GPTQConfig, RTNConfig, SmoothQuantConfig, StaticQuantConfig, config_class
+from .errors import ConfigError, NotPreparedError, Pt2qError
+from .passes.smooth_quant_apply import SmoothQuantReport
+from .pipeline import check_not_converted as _check_not_converted
 
 log = logging.getLogger(__name__)
 
@@ -49,179 +43,30 @@ WEIGHT_ONLY_PLAN_KEY = meta.WEIGHT_ONLY_PLAN
 WEIGHT_ONLY_REPORT_KEY = meta.WEIGHT_ONLY_REPORT
 
 
-def _is_weight_only(config) -> bool:
-    return getattr(config, "family", None) == "weight_only"
-
-
-def _weight_only_sequential(config) -> list:
-    """The GPTQ / AWQ configs of a weight-only config, its set_local rules included ([] otherwise)."""
-    if not _is_weight_only(config):
-        return []
-    from .weight_only import sequential_configs
-
-    return sequential_configs(config)
-
-
 def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, *,
             dynamic_shapes: Any = None) -> GraphModule:
-    """Capture `model` (unless it is already a pt2q capture) and insert observers per `config`."""
-    if not isinstance(config, tuple(CONFIG_KINDS.values())):
-        names = [cls.__name__ for cls in CONFIG_KINDS.values()]
-        raise ConfigError(f"config must be a {', '.join(names[:-1])} or {names[-1]}, got {type(config).__name__}")
-    if isinstance(model, GraphModule) and EXAMPLE_INPUTS_KEY in model.meta:
-        graph_module = fresh_copy(model)
-    else:
-        if example_inputs is None:
-            raise ConfigError("prepare() needs example_inputs (a tuple of positional inputs or a dict of "
-                              "keyword inputs) to capture the model")
-        args, kwargs = normalize_inputs(example_inputs)
-        graph_module = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes)
-    # The capture shares the user's tensors; the quantized model must not (editing either would move
-    # the other, and a buffer the model updates in forward would be advanced by both).
-    own_tensors(graph_module)
-    _warn_unmatched_name_rules(config, graph_module)
-    if _is_weight_only(config):
-        from . import weight_only
-
-        graph_module.meta[WEIGHT_ONLY_PLAN_KEY] = weight_only.plan(graph_module, config)
-        graph_module.meta[CONFIG_KEY] = config
-        graph_module.meta[PREPARED_KEY] = True
-        return graph_module
-    smooth_quant_plan = None
-    if getattr(config, "smooth_quant", None) is not None:
-        from .smooth_quant import insert as insert_smooth_quant
-
-        smooth_quant_plan = insert_smooth_quant(graph_module, config.smooth_quant)
-    quantizer = config.to_quantizer()
-    prepared, _ = PassManager([TorchaoPrepare(quantizer)])(graph_module)
-    prepared.meta[INT8_NUMERICS_KEY] = _int8_numerics(config, quantizer)
-    prepared.meta[SMOOTH_QUANT_PLAN_KEY] = smooth_quant_plan
-    prepared.meta[CONFIG_KEY] = config
-    prepared.meta[PREPARED_KEY] = True
-    return prepared
-
-
-def _warn_unmatched_name_rules(config: Config, graph_module: GraphModule) -> None:
-    """A set_local regex that matches no module is almost always a typo: say so, with close names."""
-    import difflib
-    import re
-    import warnings
-
-    from .graph import module_stack
-
-    names = sorted({fqn for node in graph_module.graph.nodes for fqn, _ in module_stack(node) if fqn})
-    for target, _ in config.local_rules:
-        if isinstance(target, str) and not any(re.fullmatch(target, name) for name in names):
-            close = difflib.get_close_matches(target, names, n=3, cutoff=0.5)
-            hint = f"; close module names: {', '.join(close)}" if close else \
-                f"; module names look like: {', '.join(names[:5])}"
-            warnings.warn(f"set_local({target!r}) matches no module of this model (the regex must match a whole "
-                          f"name, as in named_modules()){hint}", UserWarning, stacklevel=3)
-
-
-def _int8_numerics(config: Config, quantizer) -> dict:
-    """What the saturation guard resolved to on which ISA, the guard each quantized op got (counted),
-    and the integer ranges of the global scheme (SmoothQuant's error estimates use them)."""
-    schemes = [quantizer.global_scheme, *(s for _, s in quantizer.module_name_rules),
-               *(s for _, s in quantizer.op_type_rules)]
-    numerics = {"saturation_guard": getattr(config, "saturation_guard", "off"),
-                "resolved": sorted({s.saturation_guard for s in schemes if s is not None}),
-                "applied": dict(collections.Counter(quantizer.applied_guards.values())),
-                "built_on": detect_isa().describe()}
-    scheme = quantizer.global_scheme
-    if scheme is not None:
-        if scheme.activation is not None:
-            numerics["activation_range"] = [scheme.activation.quant_min, scheme.activation.quant_max]
-        numerics["weight_range"] = [scheme.weight.quant_min, scheme.weight.quant_max]
-    return numerics
+    """Capture `model` (unless it is already a pt2q capture) and run the prepare stages of the pipeline
+    `config` declares (pt2q.pipeline): observers, SmoothQuant recorders, the weight-only plan."""
+    return pipeline.prepare(model, config, example_inputs, dynamic_shapes=dynamic_shapes)
 
 
 def calibrate(prepared: GraphModule, calib_data: Iterable, *, progress: bool = True) -> int:
     """Run every batch of `calib_data` (tuples of positional inputs or dicts of keyword inputs) through
-    the observed model. Returns the number of batches. Raises CalibrationError on bad data."""
-    _check_not_converted(prepared, "calibrate()")
-    if not prepared.meta.get(PREPARED_KEY):
-        raise NotPreparedError("calibrate() takes the model returned by pt2q.prepare()")
-    plan = prepared.meta.get(WEIGHT_ONLY_PLAN_KEY)
-    if plan is not None:
-        from . import weight_only
-
-        batches = list(calib_data)
-        weight_only.calibrate(prepared, plan, batches, progress=progress)
-        return min(len(batches), getattr(plan.config, "n_samples", len(batches)))
-    return run_calibration(prepared, calib_data, progress=progress)
-
-
-def _check_observers(prepared: GraphModule) -> None:
-    """Every observer saw finite data; name the observed node otherwise."""
-    observed_node = {n.target: n.args[0] for n in prepared.graph.nodes if n.op == "call_module"}
-    for name, observer in observers(prepared).items():
-        low, high = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
-        if low is None or high is None or getattr(observer, "is_dynamic", False):
-            continue
-        source = observed_node.get(name)
-        where = f"the output of node {source.name!r}" if source is not None else f"observer {name}"
-        if low.numel() and (torch.isinf(low).all() and torch.isinf(high).all()) and low.min() > 0:
-            raise CalibrationError(f"{where} was never observed: run calibration data through the prepared "
-                                   "model before convert()")
-        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-            raise CalibrationError(f"{where} produced NaN/Inf during calibration; check the model's numerics "
-                                   "on the calibration data, or keep that layer in fp32 with set_local(..., None)")
-
-
-def _check_not_converted(model, caller: str) -> None:
-    if isinstance(model, GraphModule) and model.meta.get(CONVERTED_KEY):
-        raise NotPreparedError(f"{caller}: this prepared model was already converted by pt2q.convert(), which "
-                               "consumes it (torchao converts in place); use the model convert() returned, "
-                               "or call pt2q.prepare() again")
+    the prepared model: one shared pass for observers and SmoothQuant, block by block for GPTQ / AWQ
+    (at most their `n_samples`). Returns the number of batches used. Raises CalibrationError on bad data."""
+    return pipeline.calibrate(prepared, calib_data, progress=progress)
 
 
 def convert(prepared: GraphModule) -> GraphModule:
-    """Turn a calibrated observed model into a Q/DQ GraphModule (torchao's `convert_pt2e`). This consumes
-    `prepared`: calibrating or converting it again raises NotPreparedError."""
-    _check_not_converted(prepared, "convert()")
-    if isinstance(prepared, GraphModule) and prepared.meta.get(WEIGHT_ONLY_PLAN_KEY) is not None:
-        return _convert_weight_only(prepared)
-    if not isinstance(prepared, GraphModule) or not (observers(prepared) or prepared.meta.get(PREPARED_KEY)):
+    """Turn a calibrated prepared model into the quantized GraphModule (Q/DQ for int8, packed weights for
+    weight-only). This consumes `prepared`: calibrating or converting it again raises NotPreparedError.
+    A model prepared by torchao's `prepare_pt2e` (with our quantizer or another) is converted as torchao does."""
+    if not isinstance(prepared, GraphModule) or not (observers(prepared) or prepared.meta.get(PREPARED_KEY)
+                                                     or prepared.meta.get(CONVERTED_KEY)):
         raise NotPreparedError(
             f"convert() takes a model returned by pt2q.prepare() (or torchao prepare_pt2e) and calibrated; "
             f"got a {type(prepared).__name__} with no observers")
-    if not observers(prepared):  # prepared by pt2q, but the config keeps every layer in fp32
-        log.warning("convert(): the config quantizes no layer of this model; it stays in fp32")
-    plan = prepared.meta.get(SMOOTH_QUANT_PLAN_KEY)
-    if plan is not None:
-        info = torch.iinfo(QUANTIZERS[prepared.meta[CONFIG_KEY].backend].activation_dtype)
-        numerics = prepared.meta.get(INT8_NUMERICS_KEY, {})
-        report = plan.apply(prepared, activation_range=tuple(numerics.get("activation_range", (info.min, info.max))),
-                            weight_range=tuple(numerics.get("weight_range", (-128, 127))))
-        # Dropped only once applied: a failed apply (e.g. NaN at a group input) can be retried.
-        prepared.meta.pop(SMOOTH_QUANT_PLAN_KEY)
-        prepared.meta[SMOOTH_QUANT_REPORT_KEY] = report
-        log.info("%s", report.summary())
-    _check_observers(prepared)
-    kept = dict(prepared.meta)
-    quantized, _ = PassManager([TorchaoConvert()])(prepared)
-    prepared.meta.pop(PREPARED_KEY, None)
-    prepared.meta[CONVERTED_KEY] = True
-    quantized.meta.update(kept)
-    quantized.meta.pop(PREPARED_KEY, None)
-    quantized.meta.pop(CONVERTED_KEY, None)
-    quantized.meta[QUANTIZED_KEY] = True
-    return quantized
-
-
-def _convert_weight_only(prepared: GraphModule) -> GraphModule:
-    """Weight-only convert: pack every planned layer in place (the prepared graph becomes the quantized one)."""
-    from . import weight_only
-
-    plan = prepared.meta[WEIGHT_ONLY_PLAN_KEY]
-    report = weight_only.apply(prepared, plan)
-    log.info("%s", report.summary())
-    del prepared.meta[WEIGHT_ONLY_PLAN_KEY]
-    prepared.meta.pop(PREPARED_KEY, None)
-    prepared.meta[WEIGHT_ONLY_REPORT_KEY] = report
-    prepared.meta[QUANTIZED_KEY] = True
-    return prepared
+    return pipeline.convert(prepared)
 
 
 def quantize(model: torch.nn.Module, config: Config, calib_data: Iterable | None = None, *,
@@ -236,51 +81,26 @@ def quantize(model: torch.nn.Module, config: Config, calib_data: Iterable | None
         from .debug.pipeline import dump_quantize
         return dump_quantize(model, config, calib_data, example_inputs=example_inputs,
                              dynamic_shapes=dynamic_shapes, progress=progress)
-    calib_data, example_inputs = split_calibration_data(config, calib_data, example_inputs)
-    prepared = prepare(model, config, example_inputs, dynamic_shapes=dynamic_shapes)
-    calibrate(prepared, calib_data, progress=progress)
-    return convert(prepared)
+    return pipeline.quantize(model, config, calib_data, example_inputs=example_inputs,
+                             dynamic_shapes=dynamic_shapes, progress=progress)
 
 
-def split_calibration_data(config: Config, calib_data: Iterable | None, example_inputs: Any,
-                           caller: str = "quantize()") -> tuple[Iterable, Any]:
-    """(batches to calibrate with, example inputs): the first batch is peeked (it is the default
-    example) and the rest stays lazy. Configs that need no calibration still run the example once, so
-    weight observers record the weights' ranges."""
-    if calib_data is not None:
-        check_batches_iterable(calib_data)
-        iterator = iter(calib_data)
-        first = next(iterator, None)
-        if first is None:
-            raise CalibrationError("calib_data is empty: give at least one batch")
-        total = sized(calib_data)
-        calib_data = itertools.chain([first], iterator)
-        if total is not None:
-            calib_data = _WithLength(calib_data, total)
-        example_inputs = first if example_inputs is None else example_inputs
-    elif getattr(config, "needs_calibration", True) or _weight_only_sequential(config):
-        if _is_weight_only(config):
-            names = " and ".join(sorted({type(c).__name__ for c in _weight_only_sequential(config)}))
-            raise CalibrationError(f"{names} needs calib_data (an iterable of input batches): it "
-                                   "calibrates block by block; RTNConfig quantizes without calibration")
-        raise CalibrationError("static quantization needs calib_data (an iterable of input batches); "
-                               "use DynamicQuantConfig to quantize without calibration")
-    if example_inputs is None:
-        raise ConfigError(f"{caller} needs example_inputs when calib_data is not given")
-    return (calib_data if calib_data is not None else [example_inputs]), example_inputs
+def smooth_quant(model_or_graph: torch.nn.Module, calib_data: Iterable, example_inputs: Any = None, *,
+                 alpha: Any = 0.5, progress: bool = True, **options) -> tuple[GraphModule, SmoothQuantReport]:
+    """Return an fp32 GraphModule with SmoothQuant scales folded in, and the report.
+
+    `model_or_graph` is an nn.Module (captured here) or a GraphModule from `pt2q.capture`; neither is
+    modified. `options` are the other `SmoothQuantConfig` fields. Runs the pipeline of a
+    SmoothQuantConfig (pt2q.pipeline): plan, one calibration pass, apply.
+    """
+    config = SmoothQuantConfig(alpha=alpha, **options)
+    graph_module = pipeline.quantize(model_or_graph, config, calib_data, example_inputs=example_inputs,
+                                     progress=progress, caller="smooth_quant()", desc="pt2q smooth_quant")
+    graph_module.meta.pop(meta.CONFIG, None)  # an fp32 graph: no quantization config applies to it
+    return graph_module, graph_module.meta[meta.SMOOTH_QUANT_REPORT]
 
 
-class _WithLength:
-    """An iterable with a known length (so the progress bar shows a total)."""
-
-    def __init__(self, iterable, length):
-        self.iterable, self.length = iterable, length
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def __len__(self):
-        return self.length
+split_calibration_data = pipeline.split_calibration_data
 
 
 def _saved_metadata(qmodel: GraphModule) -> dict:
@@ -380,15 +200,4 @@ def load(path: str | os.PathLike) -> GraphModule:
     return graph_module
 
 
-def count_quantized_layers(qmodel: GraphModule) -> int:
-    """Number of weighted layers (linear/conv) whose weight is dequantized from integers in the graph
-    (int8 Q/DQ, or pt2q's packed weight-only form)."""
-    from .ops import DEQUANTIZE_WEIGHT
-    from .quantizers import weighted_ops
-
-    dequant_ops = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
-                   torch.ops.quantized_decomposed.dequantize_per_tensor.default, DEQUANTIZE_WEIGHT}
-    return sum(1 for node in qmodel.graph.nodes
-               if node.target in weighted_ops() and len(node.args) > 1
-               and getattr(node.args[1], "target", None) in dequant_ops)
-
+count_quantized_layers = pipeline.count_quantized_layers

@@ -180,14 +180,16 @@ def _calibration_for(structure: tuple, options: "BackendOptions", parameters: li
 
 
 class _StaticRunner:
-    """Observed graph for the first `calib_steps` calls (fp32 results), then the int8 Inductor build."""
+    """Observed graph for the first `calib_steps` calls (fp32 results), then the int8 Inductor build.
+    The pipeline's prepare and convert stages (pt2q.pipeline) run here; between them the user's own
+    calls are the calibration pass (the observers record as the prepared graph runs)."""
 
     def __init__(self, frozen: _FrozenSubgraph, captured: GraphModule, config, calib_steps: int,
                  calibration: _Calibration):
-        from .api import prepare
+        from . import pipeline
 
         self.frozen, self.calib_steps = frozen, calib_steps
-        self.prepared = prepare(captured, config)
+        self.prepared = pipeline.prepare(captured, config, caller="pt2q backend")
         self.calibration = calibration
         observers = self._observers()
         for name, module in observers.items():
@@ -211,10 +213,10 @@ class _StaticRunner:
         return {n: m for n, m in self.prepared.named_modules() if isinstance(m, ObserverBase)}
 
     def _finish(self, example) -> None:
-        from .api import convert
+        from . import pipeline
         from .backends import inductor
 
-        qmodel = convert(self.prepared)
+        qmodel = pipeline.convert(self.prepared)
         self.compiled = inductor.compile_graph(qmodel, tuple(example))
         self.prepared = None
         log.info("pt2q backend: static subgraph converted after %d calibration calls; int8 kernels %s",
@@ -241,7 +243,7 @@ class _CompiledRunner:
 
 
 def _compile_subgraph(graph_module: GraphModule, example_inputs: list, options: BackendOptions):
-    from .api import count_quantized_layers, quantize
+    from . import pipeline
     from .backends import inductor
     from .capture import capture
     from .passes.manager import PassManager
@@ -261,8 +263,8 @@ def _compile_subgraph(graph_module: GraphModule, example_inputs: list, options: 
         parameters = [example_inputs[position] for position in frozen.frozen_positions]
         calibration = _calibration_for(_structure_key(graph_module), options, parameters)
         return _StaticRunner(frozen, captured, config, options.calib_steps, calibration)
-    qmodel = quantize(captured, config, example_inputs=runtime, progress=False)
-    if count_quantized_layers(qmodel) == 0:
+    qmodel = pipeline.quantize(captured, config, example_inputs=runtime, progress=False, caller="pt2q backend")
+    if pipeline.count_quantized_layers(qmodel) == 0:
         return None
     return _CompiledRunner(frozen, inductor.compile_graph(qmodel, runtime))
 

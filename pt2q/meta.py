@@ -6,6 +6,7 @@ EXAMPLE_INPUTS = "pt2q_example_inputs"        # (args, kwargs) of the capture; s
 DYNAMIC_SHAPES = "pt2q_dynamic_shapes"        # the torch.export dynamic_shapes spec of the capture
 SOURCE_CLASS = "pt2q_source_class"            # class name of the captured model
 CONFIG = "pt2q_config"                        # the quantization config the model was prepared with
+PIPELINE = "pt2q_pipeline"                    # the pipeline.Pipeline a prepared model runs, until convert()
 PREPARED = "pt2q_prepared"                    # True on a model prepare() returned, until convert()
 CONVERTED = "pt2q_converted"                  # True on a prepared model that convert() consumed
 QUANTIZED = "pt2q_quantized"                  # True on a converted (or loaded) model

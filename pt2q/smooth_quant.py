@@ -4,8 +4,12 @@ Two ways in:
 - `StaticQuantConfig(smooth_quant=SmoothQuantConfig(alpha=...))` with `pt2q.quantize` / `prepare` +
   `convert`. Channel statistics are recorded in the same calibration pass as the quantizer's observers,
   and the scales are folded in at `convert`.
-- `pt2q.smooth_quant(model_or_graph, calib_data, example_inputs, alpha=...) -> (graph_module, report)`:
-  an fp32 graph with the scales folded in, usable before any quantizer (torchao's flow included).
+- `pt2q.smooth_quant(model_or_graph, calib_data, example_inputs, alpha=...) -> (graph_module, report)`
+  (in pt2q/api.py): an fp32 graph with the scales folded in, usable before any quantizer (torchao's flow
+  included).
+
+Both run the SmoothQuant algorithm of pt2q/pipeline.py, which calls `insert` (plan) and
+`SmoothQuantPlan.apply` (apply) from here.
 
 One calibration pass is enough with min/max activation observers: the range of a smoothed input
 follows exactly from its per-channel min/max. The observers at smoothed inputs are therefore exact
@@ -14,9 +18,6 @@ needed to fit a histogram to the smoothed inputs.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
-
-import torch
 from torch.fx import GraphModule
 
 # SmoothQuantConfig lives with the other configs; it is re-exported here, where it is used.
@@ -27,7 +28,7 @@ from .passes.matmul_to_linear import MatmulToLinear
 from .passes.smooth_quant_apply import GroupReport, SmoothQuantApply, SmoothQuantReport
 from .passes.smooth_quant_groups import SmoothQuantGroups
 
-__all__ = ["GroupReport", "SmoothQuantConfig", "SmoothQuantReport", "smooth_quant"]
+__all__ = ["GroupReport", "SmoothQuantConfig", "SmoothQuantPlan", "SmoothQuantReport", "insert"]
 
 # Elements of the first calibration batch kept per group for the auto-alpha search.
 _AUTO_SAMPLE_ELEMENTS = 1 << 18
@@ -69,29 +70,3 @@ def insert(graph_module: GraphModule, config: SmoothQuantConfig) -> SmoothQuantP
     recorders = InsertChannelRecorders(analysis.report, _AUTO_SAMPLE_ELEMENTS if config.needs_samples else 0)
     PassManager([recorders])(graph_module)
     return SmoothQuantPlan(config, analysis.report, recorders.recorders)
-
-
-def smooth_quant(model_or_graph: torch.nn.Module, calib_data: Iterable, example_inputs: Any = None, *,
-                 alpha: Any = 0.5, progress: bool = True, **options) -> tuple[GraphModule, SmoothQuantReport]:
-    """Return an fp32 GraphModule with SmoothQuant scales folded in, and the report.
-
-    `model_or_graph` is an nn.Module (captured here) or a GraphModule from `pt2q.capture`; neither is
-    modified. `options` are the other `SmoothQuantConfig` fields.
-    """
-    from .calibration import run_calibration
-    from .capture import EXAMPLE_INPUTS_KEY, capture, fresh_copy, normalize_inputs
-
-    config = SmoothQuantConfig(alpha=alpha, **options)
-    calib_data = list(calib_data)
-    if not calib_data:
-        from .errors import CalibrationError
-        raise CalibrationError("calib_data is empty: SmoothQuant needs at least one batch")
-    if isinstance(model_or_graph, GraphModule) and EXAMPLE_INPUTS_KEY in model_or_graph.meta:
-        graph_module = fresh_copy(model_or_graph)
-    else:
-        args, kwargs = normalize_inputs(example_inputs if example_inputs is not None else calib_data[0])
-        graph_module = capture(model_or_graph, args, kwargs)
-    plan = insert(graph_module, config)
-    run_calibration(graph_module, calib_data, progress=progress, desc="pt2q smooth_quant")
-    report = plan.apply(graph_module)
-    return graph_module, report

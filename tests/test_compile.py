@@ -152,7 +152,7 @@ def test_failure_falls_back_to_inductor_unless_strict(caplog, monkeypatch):
     def broken_quantize(*args, **kwargs):
         raise RuntimeError("simulated quantization failure")
 
-    monkeypatch.setattr(pt2q.api, "quantize", broken_quantize)
+    monkeypatch.setattr(pt2q.pipeline, "quantize", broken_quantize)
     with caplog.at_level(logging.WARNING, logger="pt2q"):
         compiled = torch.compile(model, backend="pt2q", options={"mode": "dynamic"}, dynamic=False)
         with torch.no_grad():

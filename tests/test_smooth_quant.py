@@ -10,7 +10,7 @@ from torch import nn
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 import pt2q
-from pt2q import api as pt2q_api
+from pt2q import pipeline as pt2q_pipeline
 from pt2q.api import SMOOTH_QUANT_PLAN_KEY, SMOOTH_QUANT_REPORT_KEY
 from pt2q.graph import get_constant, module_fqn
 from pt2q.passes.insert_channel_recorders import ChannelRecorder
@@ -431,7 +431,7 @@ def test_unknown_alpha_key_is_reported_before_calibration(monkeypatch):
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration ran before the config error")
 
-    monkeypatch.setattr(pt2q_api, "run_calibration", no_calibration)
+    monkeypatch.setattr(pt2q_pipeline, "run_calibration", no_calibration)
     with pytest.raises(pt2q.ConfigError, match=r"'\.\*qproj' matches no smoothed layer"):
         pt2q.smooth_quant(zm.model, _calib(zm), alpha={r".*qproj": 0.3}, progress=False)
     with pytest.raises(pt2q.ConfigError, match="matches no smoothed layer"):

@@ -5,7 +5,7 @@ Files written to `out_dir` (stable names; the number is the stage's position in 
     00_capture.txt                 the exported graph
     NN_<pass>.txt / NN_<pass>.diff  every pass any PassManager ran during prepare (SmoothQuant analysis,
                                    matmul_to_linear, prepare_pt2e, ...), and its diff with the stage before
-    NN_calibrated.txt / .diff      observers with their ranges and the qparams they give
+    NN_calibrate.txt / .diff       observers with their ranges and the qparams they give
     NN_<pass>.txt / .diff          every pass of convert (smooth_quant_apply, convert_pt2e)
     NN_inductor.txt                the int8 kernels Inductor produced (when compile=True)
     numeric.txt                    fp32 vs int8 per quantized node, worst SQNR first
@@ -30,7 +30,8 @@ from typing import Any, Iterable
 import torch
 from torch.fx import GraphModule
 
-from ..api import split_calibration_data
+from .. import meta
+from .. import pipeline as quant_pipeline
 from ..errors import Pt2qError
 from ..passes.manager import PassReport
 from .numeric import NumericRow, compare_compiled, compare_graphs, numeric_text, structural_copy
@@ -142,7 +143,9 @@ class _Recorder:
 
     def __call__(self, pass_name: str, gm: GraphModule, record) -> None:
         try:
-            self.pass_seconds.append({"pass": pass_name, "seconds": record.seconds})
+            self.pass_seconds.append({"pass": pass_name, "seconds": record.seconds, "depth": record.depth})
+            if record.composite:
+                return  # a pipeline stage whose graph passes were shown one by one as they ran
             notes: list[str] = []
             if pass_name == "prepare_pt2e":
                 if isinstance(record.report, dict):
@@ -209,11 +212,11 @@ def dump_pipeline(model: torch.nn.Module, config, calib_data: Iterable | None = 
     only pt2q's own dump files). `strict=False` turns failures of the dump itself (not of the
     pipeline) into warnings. Pipeline errors are re-raised after the page and summary are written.
     """
-    from ..api import QUANTIZED_KEY, SMOOTH_QUANT_REPORT_KEY, calibrate, convert, count_quantized_layers, prepare
     from ..capture import capture, normalize_inputs
     from ..passes.manager import observe_passes
 
-    calib_data, example_inputs = split_calibration_data(config, calib_data, example_inputs, "dump_pipeline()")
+    calib_data, example_inputs = quant_pipeline.split_calibration_data(config, calib_data, example_inputs,
+                                                                       "dump_pipeline()")
     out = check_out_dir(out_dir, force)
     result = DumpResult(out_dir=out)
     recorder = _Recorder(out, strict)
@@ -226,17 +229,16 @@ def dump_pipeline(model: torch.nn.Module, config, calib_data: Iterable | None = 
         _guarded(recorder, strict, "capture", lambda: recorder.add("capture", captured))
         with observe_passes(recorder):
             start = time.perf_counter()
-            prepared = prepare(captured, config)
+            prepared = quant_pipeline.prepare(captured, config, caller="dump_pipeline()")
             timings["prepare"] = time.perf_counter() - start
             start = time.perf_counter()
-            calibrate(prepared, calib_data, progress=progress)
+            quant_pipeline.calibrate(prepared, calib_data, progress=progress)
             timings["calibrate"] = time.perf_counter() - start
-            _guarded(recorder, strict, "calibrated", lambda: recorder.add("calibrated", prepared))
             start = time.perf_counter()
-            qmodel = convert(prepared)
+            qmodel = quant_pipeline.convert(prepared)
             timings["convert"] = time.perf_counter() - start
         result.qmodel = qmodel
-        result.smooth_quant = qmodel.meta.get(SMOOTH_QUANT_REPORT_KEY)
+        result.smooth_quant = qmodel.meta.get(meta.SMOOTH_QUANT_REPORT)
         if numeric:
             def run_numeric():
                 start = time.perf_counter()
@@ -249,14 +251,14 @@ def dump_pipeline(model: torch.nn.Module, config, calib_data: Iterable | None = 
                 timings["numeric"] = time.perf_counter() - start
             _guarded(recorder, strict, "numeric", run_numeric)
         kernel_report: list[str] = []
-        if compile and qmodel.meta.get(QUANTIZED_KEY):
+        if compile and qmodel.meta.get(meta.QUANTIZED):
             from ..backends import inductor
 
             start = time.perf_counter()
             compiled = inductor.compile(qmodel, (args, kwargs))
             timings["compile"] = time.perf_counter() - start
             result.compiled, result.kernels = compiled, dict(compiled.int8_kernels)
-            kernel_report = kernel_lines(result.kernels, count_quantized_layers(qmodel), compiled.guarded_inputs)
+            kernel_report = kernel_lines(result.kernels, quant_pipeline.count_quantized_layers(qmodel), compiled.guarded_inputs)
             recorder.add("inductor", None, kernel_report)
             if numeric:
                 def run_compiled_numeric():

@@ -2,9 +2,16 @@
 
 A pass is any object with `call(graph_module) -> PassResult` (torch's `PassBase` subclasses qualify) and a
 `name`. What a pass found or did is its `report`; a report that is a `PassReport` (a one-line `summary()`
-and detail `lines()`) is shown by the dump tool as it is, whatever the pass. Observers registered with `add_observer` see every intermediate graph of that manager; those
-installed with `observe_passes()` see the graphs of every manager while the context lasts (the dump
-tool uses this to follow the whole pipeline).
+and detail `lines()`) is shown by the dump tool as it is, whatever the pass. Observers registered with
+`add_observer` see every intermediate graph of that manager; those installed with `observe_passes()` see
+the graphs of every manager while the context lasts (the dump tool uses this to follow the whole
+pipeline).
+
+Managers nest: a pipeline stage (pt2q/pipeline.py) runs the passes of its algorithm through another
+manager. Each `PassRecord` says how deep it ran (`depth`, 0 for the outermost) and how many passes ran
+inside it (`inner`). A pass that only groups others declares `groups_passes = True`; its record is then
+`composite` when passes ran inside it, and an observer that shows graphs skips it (its inner passes
+showed every change).
 """
 from __future__ import annotations
 
@@ -56,6 +63,12 @@ class PassRecord:
     seconds: float
     modified: bool
     report: object = None
+    depth: int = 0   # how many passes were running around this one (0: run by the outermost manager)
+    inner: int = 0   # passes that ran inside this one, through nested managers
+    composite: bool = False  # a grouping pass (groups_passes) whose inner passes showed its changes
+
+
+_running: list[list[int]] = []  # one inner-pass counter per pass being run, outermost first
 
 
 @dataclass
@@ -69,14 +82,22 @@ class PassManager:
     def __call__(self, graph_module: GraphModule) -> tuple[GraphModule, list[PassRecord]]:
         records = []
         for graph_pass in self.passes:
+            depth = len(_running)
+            for counter in _running:
+                counter[0] += 1
+            _running.append([0])
             start = time.perf_counter()
-            result = graph_pass.call(graph_module)
+            try:
+                result = graph_pass.call(graph_module)
+            finally:
+                inner = _running.pop()[0]
             graph_module = result.graph_module
             if result.modified:
                 graph_module.graph.lint()
                 graph_module.recompile()
             record = PassRecord(graph_pass.name, time.perf_counter() - start, result.modified,
-                                getattr(graph_pass, "report", None))
+                                getattr(graph_pass, "report", None), depth, inner,
+                                bool(getattr(graph_pass, "groups_passes", False)) and inner > 0)
             log.debug("pass %s: %.3fs modified=%s", record.name, record.seconds, record.modified)
             records.append(record)
             for observer in [*self.observers, *_GLOBAL_OBSERVERS]:

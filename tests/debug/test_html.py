@@ -51,7 +51,7 @@ def test_written_page_has_no_external_resources(cnn_dump):
     assert "http" not in page.replace(_SVG_NS, "")
     for name in ("conv2d", "conv2d_1", "linear"):  # per-node rows with their numeric results
         assert f'id="row-{name}"' in page
-    assert "Numeric report" in page and 'id="stage-03_calibrated"' in page
+    assert "Numeric report" in page and 'id="stage-03_calibrate"' in page
 
 
 def test_display_graph_folds_constants_weights_and_qdq_pairs(cnn_dump):

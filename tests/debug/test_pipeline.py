@@ -18,7 +18,7 @@ def test_files_and_stage_numbering(dump):
     result = dump(*mlp2())
     names = sorted(p.name for p in result.out_dir.iterdir())
     assert names == ["00_capture.txt", "01_matmul_to_linear.diff", "01_matmul_to_linear.txt",
-                     "02_prepare_pt2e.diff", "02_prepare_pt2e.txt", "03_calibrated.diff", "03_calibrated.txt",
+                     "02_prepare_pt2e.diff", "02_prepare_pt2e.txt", "03_calibrate.diff", "03_calibrate.txt",
                      "04_convert_pt2e.diff", "04_convert_pt2e.txt", "index.html", "numeric.txt", "summary.json"]
     summary = json.loads(result.summary.read_text())
     assert [s["name"] for s in summary["stages"]] == [s.name for s in result.stages]
@@ -79,7 +79,7 @@ def test_sqnr_definition():
 def test_smooth_quant_report(dump):
     config = minmax_config(smooth_quant=pt2q.SmoothQuantConfig(alpha=0.5, skip_if_worse=False))
     result = dump(*gelu_mlp(), config=config)
-    assert [s.name for s in result.stages][-3:] == ["calibrated", "smooth_quant_apply", "convert_pt2e"]
+    assert [s.name for s in result.stages][-3:] == ["calibrate", "smooth_quant_apply", "convert_pt2e"]
     report = result.smooth_quant
     assert len(report.groups) == 2 and report.num_absorbed == 0
     summary = json.loads(result.summary.read_text())
@@ -142,7 +142,7 @@ def test_failing_pipeline_leaves_the_stages_before_the_failure(tmp_path):
     out = tmp_path / "failed"
     with pytest.raises(pt2q.CalibrationError, match="calibration batch 1"):
         dump_pipeline(model, minmax_config(), bad, out_dir=out, compile=False, progress=False)
-    assert (out / "02_prepare_pt2e.txt").exists() and not (out / "03_calibrated.txt").exists()
+    assert (out / "02_prepare_pt2e.txt").exists() and not (out / "03_calibrate.txt").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["error"].startswith("CalibrationError: calibration batch 1")
     assert "The pipeline failed" in (out / "index.html").read_text()

@@ -29,7 +29,7 @@ class TestGoldens(expecttest.TestCase):
     def test_mlp_every_stage(self):
         result = self.dump(*mlp2())
         self.assertEqual([s.name for s in result.stages],
-                         ["capture", "matmul_to_linear", "prepare_pt2e", "calibrated", "convert_pt2e"])
+                         ["capture", "matmul_to_linear", "prepare_pt2e", "calibrate", "convert_pt2e"])
         self.assertExpectedInline(_read(result, "capture"), """\
 # 00_capture: 10 nodes
 fc1_weight = get_attr fc1.weight : f32[16, 8]
@@ -64,8 +64,8 @@ output((linear_1,))
 +linear_1 = call_function aten.linear.default(activation_post_process_2, activation_post_process_3, fc2_bias) : f32[4, 4]  ann=linear
  output((linear_1,))
 """)
-        self.assertExpectedInline(_read(result, "calibrated"), """\
-# 03_calibrated: 14 nodes
+        self.assertExpectedInline(_read(result, "calibrate"), """\
+# 03_calibrate: 14 nodes
 fc1_weight = get_attr fc1.weight : f32[16, 8]
 activation_post_process_1 = call_module activation_post_process_1(fc1_weight) : f32[16, 8]  {PerChannelMinMaxObserver i8 per_channel_symmetric axis=0 n=16 min=-0.3527 max=0.3515 -> scale=(n=16 min=0.00215 max=0.002766) zp=0}
 fc1_bias = get_attr fc1.bias : f32[16]
@@ -105,7 +105,7 @@ linear_1 = call_function aten.linear.default(dequantize_per_tensor_default_1, de
 output((linear_1,))
 """)
         self.assertExpectedInline(_read(result, "convert_pt2e", "diff"), """\
---- 03_calibrated.txt
+--- 03_calibrate.txt
 +++ 04_convert_pt2e.txt
 @@ -1,14 +1,20 @@
 -fc1_weight = get_attr fc1.weight : f32[16, 8]
@@ -182,7 +182,7 @@ output((linear,))
         config = minmax_config(smooth_quant=pt2q.SmoothQuantConfig(alpha=0.5, skip_if_worse=False))
         result = self.dump(*gelu_mlp(), config=config)
         self.assertExpectedInline(_read(result, "smooth_quant_apply", "diff"), """\
---- 06_calibrated.txt
+--- 06_calibrate.txt
 +++ 07_smooth_quant_apply.txt
 @@ -1,16 +1,18 @@
 -fc1_weight = get_attr fc1.weight : f32[16, 8]
