@@ -45,7 +45,7 @@ from .capture import EXAMPLE_INPUTS_KEY, capture, fresh_copy, normalize_inputs
 from .config import CONFIG_KINDS, SmoothQuantConfig
 from .errors import CalibrationError, ConfigError, NotPreparedError
 from .graph import own_tensors
-from .passes.manager import PassManager
+from .passes.manager import Pass, PassManager
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _keep_meta(before: GraphModule, after: GraphModule) -> GraphModule:
     return after
 
 
-class PlanStage:
+class PlanStage(Pass):
     groups_passes = True  # its algorithm's graph passes run (and are observed) inside it
 
     def __init__(self, algorithm: Algorithm):
@@ -196,7 +196,7 @@ class PlanStage:
         return PassResult(_keep_meta(graph_module, self.algorithm.plan(graph_module)), True)
 
 
-class CalibrateStage:
+class CalibrateStage(Pass):
     """The shared pass over the data for the algorithms that record in it, then each sequential one's
     own run. `batches` is consumed once by the shared pass (a generator is fine)."""
 
@@ -221,7 +221,7 @@ class CalibrateStage:
         return PassResult(graph_module, bool(self.algorithms))
 
 
-class ApplyStage:
+class ApplyStage(Pass):
     groups_passes = True
 
     def __init__(self, algorithm: Algorithm):

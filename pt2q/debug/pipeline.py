@@ -34,6 +34,8 @@ from .. import meta
 from .. import pipeline as quant_pipeline
 from ..errors import Pt2qError
 from ..passes.manager import PassReport
+from ..passes.smooth_quant_apply import SmoothQuantReport
+from ..passes.torchao_prepare import AnnotationReport
 from .numeric import NumericRow, compare_compiled, compare_graphs, numeric_text, structural_copy
 from .text import GraphSnapshot, snapshot, unified_diff
 
@@ -147,18 +149,12 @@ class _Recorder:
             if record.composite:
                 return  # a pipeline stage whose graph passes were shown one by one as they ran
             notes: list[str] = []
-            if pass_name == "prepare_pt2e":
-                if isinstance(record.report, dict):
-                    self.rules = dict(record.report)
-                counts: dict[str, int] = {}
-                for rule in self.rules.values():
-                    counts[rule] = counts.get(rule, 0) + 1
-                notes.append("# annotated by the quantizer: " + (", ".join(
-                    f"{rule} x{count}" for rule, count in sorted(counts.items())) or "nothing"))
+            if isinstance(record.report, AnnotationReport):  # the quantizer annotated: observers are in
+                self.rules = dict(record.report.rules)
                 # The fp32 reference: same node names as the quantized graph, conv-bn folded,
                 # not smoothed yet. Observers are bypassed when it runs.
                 self.reference = structural_copy(gm)
-            if pass_name == "smooth_quant_apply":
+            if isinstance(record.report, SmoothQuantReport):
                 self.smoothed = structural_copy(gm)  # the per-node reference once SmoothQuant ran
             if isinstance(record.report, PassReport):
                 notes += _report_lines(record.report)

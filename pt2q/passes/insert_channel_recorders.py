@@ -12,6 +12,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .smooth_quant_groups import AbsorbGroup
+from .manager import Pass
 
 
 class ChannelRecorder(torch.nn.Module):
@@ -47,7 +48,7 @@ class ChannelRecorder(torch.nn.Module):
         return torch.maximum(self.min_val.abs(), self.max_val.abs())
 
 
-class InsertChannelRecorders:
+class InsertChannelRecorders(Pass):
     """See the module docstring. After `call`, `recorders` maps each group's root name to its module name."""
 
     name = "insert_channel_recorders"

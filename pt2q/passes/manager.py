@@ -26,7 +26,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphPass", "PassManager", "PassRecord", "PassReport", "PassResult", "observe_passes"]
+__all__ = ["GraphPass", "Pass", "PassManager", "PassRecord", "PassReport", "PassResult", "observe_passes"]
 
 PassObserver = Callable[[str, GraphModule, "PassRecord"], None]
 _GLOBAL_OBSERVERS: list[PassObserver] = []
@@ -55,6 +55,17 @@ class GraphPass(Protocol):
     name: str
 
     def call(self, graph_module: GraphModule) -> PassResult: ...
+
+
+class Pass:
+    """Base of pt2q's passes: a `name`, `call(graph_module) -> PassResult`, and `report`, which holds what
+    the last call found or did (a `PassReport` where people read it; None before the first call)."""
+
+    name: str = ""
+    report: object = None
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement call(graph_module) -> PassResult")
 
 
 @dataclass

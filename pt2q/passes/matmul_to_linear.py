@@ -13,6 +13,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..graph import add_constant, get_constant
+from .manager import Pass
 
 aten = torch.ops.aten
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
@@ -26,7 +27,7 @@ def _is_2d_transpose(node: Node) -> bool:
     return node.target is aten.permute.default and list(node.args[1]) == [1, 0]
 
 
-class MatmulToLinear:
+class MatmulToLinear(Pass):
     """See the module docstring. `report` lists the rewritten node names."""
 
     name = "matmul_to_linear"

@@ -9,6 +9,7 @@ import re
 
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
+from .manager import Pass
 
 _ROOT = re.compile(r"^L\['[^']*'\]\.?")
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -26,7 +27,7 @@ def normalize_module_path(path: str) -> str:
     return path.strip(".")
 
 
-class NormalizeModuleNames:
+class NormalizeModuleNames(Pass):
     name = "normalize_module_names"
     report = None
 

@@ -16,6 +16,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import meta
 from ..graph import add_constant
 from ..ops import DEQUANTIZE_WEIGHT
+from .manager import Pass
 
 
 @dataclass
@@ -54,7 +55,7 @@ def _drop_unused_attribute(gm: GraphModule, target: str) -> None:
         delattr(owner, leaf)
 
 
-class PackWeights:
+class PackWeights(Pass):
     """See the module docstring."""
 
     name = "pack_weights"

@@ -13,12 +13,13 @@ import re
 
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
+from .manager import Pass
 
 # The last frame of generated FX code in a stack trace, and the node its source line assigns.
 _GENERATED_FRAME = re.compile(r'File "<eval_with_key>[^"]*", line \d+, in forward\n\s*(\w+) = ')
 
 
-class RestoreDynamoModuleStack:
+class RestoreDynamoModuleStack(Pass):
     name = "restore_dynamo_module_stack"
     report = None
 

@@ -11,11 +11,12 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..graph import add_constant
+from .manager import Pass
 
 aten = torch.ops.aten
 
 
-class ScaleLinearInputs:
+class ScaleLinearInputs(Pass):
     """`factors`: {(linear node names...): factor vector [in]}. `report`: the inserted mul node names."""
 
     name = "scale_linear_inputs"

@@ -32,6 +32,7 @@ from ..errors import CalibrationError, ConfigError
 from ..graph import add_constant, class_path, get_constant, module_fqn, module_stack
 from .insert_channel_recorders import ChannelRecorder, remove_recorders
 from .smooth_quant_groups import Absorb, AbsorbGroup, constant_value
+from .manager import Pass
 
 aten = torch.ops.aten
 _WEIGHT_CLIP = 1e-5
@@ -154,7 +155,7 @@ def fake_quant_weight(weight: torch.Tensor, qmin: int = -128, qmax: int = 127) -
 
 
 # -- the pass -------------------------------------------------------------------------------------
-class SmoothQuantApply:
+class SmoothQuantApply(Pass):
     """See the module docstring. `alpha` is a float, "auto", or a dict {regex | nn.Module class |
     ATen op: float | "auto" | None} (the first key matching a group's consumers wins; unmatched groups
     use `default_alpha`; None leaves a group unsmoothed)."""

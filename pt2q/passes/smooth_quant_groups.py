@@ -25,6 +25,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..graph import get_constant, is_float_tensor, module_fqn, tensor_meta, to_networkx
 from ..quantizers.rules import CONV_OPS, LINEAR_OPS
+from .manager import Pass
 
 aten = torch.ops.aten
 
@@ -140,7 +141,7 @@ def constant_value(gm: GraphModule, node, _memo: dict | None = None) -> torch.Te
     return memo[node]
 
 
-class SmoothQuantGroups:
+class SmoothQuantGroups(Pass):
     """Analysis pass (does not modify the graph). See the module docstring."""
 
     name = "smooth_quant_groups"

@@ -9,9 +9,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from .torchao_prepare import forget_torchao_module_cache
+from .manager import Pass
 
 
-class TorchaoConvert:
+class TorchaoConvert(Pass):
     name = "convert_pt2e"
     report = None
 

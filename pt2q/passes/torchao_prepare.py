@@ -1,9 +1,14 @@
 """torchao's `prepare_pt2e` as a pass: annotate with a quantizer, insert observers (and fold conv-bn)."""
 from __future__ import annotations
 
+import collections
+from dataclasses import dataclass, field
+
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+from .manager import Pass
 
 
 # Unbounded `functools.cache`s keyed by module, in torchao 0.18 and torch 2.13: every module that
@@ -24,17 +29,35 @@ def forget_torchao_module_cache() -> None:
             function.cache_clear()
 
 
-class TorchaoPrepare:
+@dataclass
+class AnnotationReport:
+    """Which rule of the quantizer annotated each node (node name -> rule name)."""
+
+    rules: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        counts = collections.Counter(self.rules.values())
+        return "annotated by the quantizer: " + (", ".join(
+            f"{rule} x{count}" for rule, count in sorted(counts.items())) or "nothing")
+
+    def lines(self) -> list[str]:
+        return []
+
+
+class TorchaoPrepare(Pass):
+    """prepare_pt2e with our quantizer; `report` is an AnnotationReport. The graph it returns is the
+    fp32 model as it will be quantized (conv-bn folded, observers bypassed when they are not run)."""
+
     name = "prepare_pt2e"
 
     def __init__(self, quantizer) -> None:
         self.quantizer = quantizer
-        self.report = None
+        self.report: AnnotationReport | None = None
 
     def call(self, graph_module: GraphModule) -> PassResult:
         try:
             prepared = prepare_pt2e(graph_module, self.quantizer)
         finally:
             forget_torchao_module_cache()
-        self.report = dict(getattr(self.quantizer, "annotated_nodes", {}))  # node -> rule
+        self.report = AnnotationReport(dict(getattr(self.quantizer, "annotated_nodes", {})))
         return PassResult(prepared, True)
