@@ -11,6 +11,13 @@ For a block, the caller's `on_block(block)` gets a `Block`: `block.run(...)` exe
 as often as the algorithm needs, with input recorders on chosen linears and weight overrides (the
 dequantized weights of layers already quantized). When `on_block` returns, the block runs a last time with
 `block.weights` to produce the inputs of what follows. Nodes after the last block never run.
+
+`block.record(...)` is the run for algorithms that quantize a block stage by stage (GPTQ): it computes only
+what the recorded linears' inputs need, and keeps, per sample, the values computed before the first
+recorded linear (a checkpoint, at most `checkpoint_ratio` times the bytes of the block's inputs). The next
+`record` and the block's last run start from there instead of from the block's inputs, as long as no
+weight override or input scale before that point changed (checked): each stage then computes only what
+follows the previous stage's layers, so a block costs about one run instead of one per stage.
 """
 from __future__ import annotations
 
@@ -47,6 +54,16 @@ class Segment:
     nodes: list[Node]
 
 
+@dataclass
+class _Checkpoint:
+    """Values of a block's nodes before `position` (index into its segment's nodes), per sample, and the
+    weight overrides and input scales they were computed with."""
+
+    position: int
+    values: list[dict[Node, object]]
+    overrides: dict[str, tuple]
+
+
 def segments(graph_module: GraphModule) -> list[Segment]:
     """Contiguous runs of computing nodes (placeholders, constants and the output excluded) by block."""
     result: list[Segment] = []
@@ -66,6 +83,10 @@ def segments(graph_module: GraphModule) -> list[Segment]:
             seen.add(block)
         result.append(Segment(block, [node]))
     return result
+
+
+def _bytes(values) -> int:
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
 
 def _is_guard(node: Node) -> bool:
@@ -92,6 +113,7 @@ class Block:
     runner: "SequentialRunner"
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> factor on its input
+    checkpoint: "_Checkpoint | None" = field(default=None, repr=False)   # left by the last record()
 
     @property
     def linears(self) -> list[Node]:
@@ -100,8 +122,21 @@ class Block:
     def run(self, record: dict[str, Callable[[torch.Tensor], None]] | None = None, *,
             stop_after: Node | None = None, outputs: bool = False) -> None:
         """Run the block over every sample. `record[linear node name](x)` sees each input of that linear;
-        `stop_after` ends each sample's run at that node (later nodes are not needed)."""
+        `stop_after` ends each sample's run at that node (later nodes are not needed). Every node runs from
+        the block's inputs, and the checkpoint of `record` is dropped (the caller may edit the graph's
+        tensors in place after this, which no checkpoint could detect)."""
+        self.checkpoint = None
         self.runner._run_segment(self.segment, record or {}, self.weights, stop_after, outputs, self.input_scales)
+
+    def record(self, record: dict[str, Callable[[torch.Tensor], None]]) -> None:
+        """Show `record[linear node name]` each input of that linear, over every sample, computing only the
+        nodes those inputs need (the recorded linears themselves do not run). Starts from the checkpoint of
+        the previous `record` when it is still valid, and leaves one before the first recorded linear (see
+        the module docstring). The caller must change the block only through `weights` / `input_scales`
+        between `record` calls (both are checked); in-place edits of the graph's tensors call for `run`."""
+        self.checkpoint = self.runner._run_segment(
+            self.segment, record, self.weights, None, False, self.input_scales, resume=self.checkpoint,
+            save=True, only_needed=True) or self.checkpoint
 
 
 class SequentialRunner:
@@ -109,8 +144,9 @@ class SequentialRunner:
     keyword inputs) for `graph_module`, a pt2q capture."""
 
     def __init__(self, graph_module: GraphModule, batches: Iterable, *, progress: bool = True,
-                 desc: str = "pt2q blockwise"):
+                 desc: str = "pt2q blockwise", checkpoint_ratio: float = 1.0):
         self.gm = graph_module
+        self.checkpoint_ratio = checkpoint_ratio
         self.progress, self.desc = progress, desc
         self.segments = segments(graph_module)
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
@@ -174,8 +210,9 @@ class SequentialRunner:
                     block = Block(segment.block, block_index, segment, self)
                     with torch.no_grad():
                         on_block(block)
+                    checkpoint, block.checkpoint = block.checkpoint, None
                     self._run_segment(segment, {}, block.weights, None, outputs=True,
-                                      input_scales=block.input_scales)
+                                      input_scales=block.input_scales, resume=checkpoint)
                     if after_block is not None:
                         after_block(block)
                     block_index += 1
@@ -189,19 +226,66 @@ class SequentialRunner:
             del self.env[node]
 
     def _run_segment(self, segment: Segment, record: dict, weights: dict, stop_after: Node | None,
-                     outputs: bool, input_scales: dict | None = None) -> None:
+                     outputs: bool, input_scales: dict | None = None, *, resume: _Checkpoint | None = None,
+                     save: bool = False, only_needed: bool = False) -> _Checkpoint | None:
+        """Run `segment` over every sample (see Block.run / Block.record). `only_needed`: compute only the
+        recorded linears' inputs. `resume`: start from that checkpoint when it is still valid (a saving run
+        leaves it intact, any other consumes it). `save`: return a checkpoint before the first recorded
+        node, or None (nothing recorded, or over budget)."""
         input_scales = input_scales or {}
-        members = set(segment.nodes)
-        kept = [n for n in segment.nodes if any(u not in members for u in n.users)] if outputs else []
+        nodes = segment.nodes
+        position = {node: index for index, node in enumerate(nodes)}
+        members = set(nodes)
+        escaping = {n for n in nodes if any(u not in members for u in n.users)}
+        kept = [n for n in nodes if n in escaping] if outputs else []
         for node in kept:
             self.env[node] = []
-        last_use = {}
-        for position, node in enumerate(segment.nodes):
-            for arg in node.all_input_nodes:
-                last_use[arg] = position
+        if stop_after is not None:
+            nodes = nodes[:position[stop_after] + 1]
+
+        def overrides(before: int) -> dict[str, tuple]:
+            return {n.name: (weights.get(n.name), input_scales.get(n.name)) for n in segment.nodes[:before]
+                    if n.name in weights or n.name in input_scales}
+
+        if resume is not None:
+            now = overrides(resume.position)
+            if now.keys() != resume.overrides.keys() or any(
+                    a is not b for name in now for a, b in zip(now[name], resume.overrides[name])):
+                resume = None  # an override before the checkpoint changed: start from the block's inputs
+        available = set(resume.values[0]) if resume is not None else set()
+        # What to compute: every node (up to stop_after), or only the ancestors of the recorded inputs; a
+        # resumed run takes what the checkpoint holds and computes the rest from the checkpoint's position.
+        if only_needed:
+            goals = [n.args[0] for n in nodes if n.name in record and isinstance(n.args[0], Node)]
+        else:
+            goals = nodes[resume.position if resume is not None else 0:] + kept
+        needed: set[Node] = set()
+        stack = [n for n in goals if n in members and n not in available]
+        while stack:
+            node = stack.pop()
+            if node not in needed:
+                needed.add(node)
+                stack.extend(a for a in node.all_input_nodes if a in members and a not in available)
+        save_at = min((position[n] for n in nodes if n.name in record), default=None) if save else None
+        # Values computed before the checkpoint and read after it stay alive until it is taken.
+        later = set() if save_at is None else \
+            {a for n in segment.nodes[save_at:] for a in n.all_input_nodes if a in members} | escaping
+        last_use: dict[Node, int] = {}
+        for index, node in enumerate(nodes):
+            if node in needed or node.name in record:
+                for arg in node.all_input_nodes:
+                    last_use[arg] = max(index, save_at) if save_at is not None and arg in later else index
+        inputs = {a for n in segment.nodes for a in n.all_input_nodes if a not in members and a in self.env}
+        saved: list[dict] | None = []
+        budget = used = 0.0
         with torch.no_grad():
             for sample in range(self.samples):
-                local: dict[Node, object] = {}
+                if resume is None:
+                    local: dict[Node, object] = {}
+                elif save:
+                    local = dict(resume.values[sample])
+                else:
+                    local, resume.values[sample] = resume.values[sample], {}
 
                 def lookup(arg: Node):
                     if arg in local:
@@ -210,23 +294,36 @@ class SequentialRunner:
                         return _fetch(self.gm, arg.target)
                     return self.env[arg][sample]
 
-                for position, node in enumerate(segment.nodes):
+                for index, node in enumerate(nodes):
+                    if index == save_at and saved is not None:
+                        snapshot = {n: v for n, v in local.items() if n in later}
+                        budget += self.checkpoint_ratio * _bytes(self.env[a][sample] for a in inputs)
+                        used += _bytes(snapshot.values())
+                        if used <= budget:
+                            saved.append(snapshot)
+                        else:
+                            saved = None
+                    compute = node in needed
+                    if not compute and node.name not in record:
+                        continue
                     args = map_arg(node.args, lookup)
-                    kwargs = map_arg(node.kwargs, lookup)
                     if node.name in input_scales:
                         args = (args[0] * input_scales[node.name], *args[1:])
-                    if node.name in weights:
-                        args = (args[0], weights[node.name], *args[2:])
                     if node.name in record:
                         record[node.name](args[0])
-                    local[node] = self._execute(node, args, kwargs)
-                    if node is stop_after:
-                        break
+                    if not compute:
+                        continue
+                    if node.name in weights:
+                        args = (args[0], weights[node.name], *args[2:])
+                    local[node] = self._execute(node, args, map_arg(node.kwargs, lookup))
                     for arg in node.all_input_nodes:
-                        if last_use.get(arg) == position and arg in local and arg not in kept:
+                        if last_use.get(arg) == index and arg in local and arg not in kept:
                             del local[arg]
                 for node in kept:
                     self.env[node].append(local[node])
+        if save_at is None or saved is None:
+            return None
+        return _Checkpoint(save_at, saved, overrides(save_at))
 
     def _execute(self, node: Node, args, kwargs):
         if node.op == "call_function":

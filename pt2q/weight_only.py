@@ -183,25 +183,34 @@ def _stages(block, layers: dict[str, Layer]) -> list[list[Node]]:
 
 
 def _gptq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
-    from .algorithms.gptq import gptq_quantize, hessian_update
+    from .algorithms.gptq import gptq_quantize, hessian_update, symmetric_hessian
 
     stages = _stages(block, layers)
     if not all(layer.config.true_sequential for layer in layers.values()):
         stages = [[linear for stage in stages for linear in stage]] if stages else []
     for stage in stages:
-        hessians: dict[str, list] = {linear.name: [None, 0] for linear in stage}
+        # One Hessian per distinct input (q/k/v read the same tensor): recorded at the first linear reading it.
+        source = {linear.name: (linear.args[0], id(block.input_scales.get(linear.name))) for linear in stage}
+        first = {}
+        for linear in stage:
+            first.setdefault(source[linear.name], linear.name)
+        hessians: dict[tuple, list] = {key: [None, 0] for key in first}
 
-        def recorder(name):
+        def recorder(key):
             def record(x):
-                state = hessians[name]
-                state[0], state[1] = hessian_update(state[0], state[1], x)
+                state = hessians[key]
+                state[0], state[1] = hessian_update(state[0], state[1], x, lower=True)
             return record
 
-        block.run({name: recorder(name) for name in hessians}, stop_after=stage[-1])
+        # Only what these inputs need runs, from where the previous stage's inputs were (blockwise.Block.record).
+        block.record({name: recorder(key) for key, name in first.items()})
+        for state in hessians.values():
+            if state[1]:
+                symmetric_hessian(state[0])
         for linear in stage:
             layer = layers[linear.name]
             weight = get_constant(gm, linear.args[1])
-            hessian, count = hessians.pop(linear.name)
+            hessian, count = hessians[source[linear.name]]
             if count == 0:
                 raise CalibrationError(f"GPTQ: layer {layer.module!r} saw no input during calibration")
             qweight = gptq_quantize(weight, hessian, layer.fmt, block_size=layer.config.block_size,

@@ -2,6 +2,7 @@
 with the previous blocks' overridden (quantized) weights, recorders, input scales and early stops."""
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -285,3 +286,89 @@ def test_empty_or_mismatched_batches_raise(captured, batches):
         SequentialRunner(captured, [], progress=False)
     with pytest.raises(CalibrationError, match="calibration batch 1"):
         SequentialRunner(captured, [batches[0], {"input_ids": batches[0]["input_ids"]}], progress=False)
+
+
+# -- record: only what the recorded inputs need, resumed from the previous stage ---------------------------
+STAGES = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def staged(captured, batches, use_record: bool, ratio: float = 1.0):
+    """Block 0 stage by stage, as GPTQ does it: record the stage's input, then override the stage's weights
+    (halved); block 1's q_proj input recorded. Returns (inputs per stage, block 1's inputs, runner, the
+    executions of block 0's nodes)."""
+    runner = LoggingRunner(captured, batches, progress=False, checkpoint_ratio=ratio)
+    stages = [[linear_of(captured, f"model.layers.0.{name}") for name in stage] for stage in STAGES]
+    q1 = linear_of(captured, "model.layers.1.self_attn.q_proj").name
+    seen, after, executed = [[] for _ in stages], [], {}
+
+    def on_block(block):
+        if block.index == 0:
+            start = len(runner.executed)
+            for stage, into in zip(stages, seen):
+                record = {stage[0].name: recorder(into)}
+                block.record(record) if use_record else block.run(record, stop_after=stage[-1])
+                for linear in stage:
+                    block.weights[linear.name] = get_constant(captured, linear.args[1]) * 0.5
+            executed["stages"] = runner.executed[start:]
+        else:
+            block.run({q1: recorder(after)})
+
+    runner.run(on_block)
+    return seen, after, runner, executed["stages"]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 100.0])
+def test_record_sees_what_full_runs_see_and_runs_each_node_at_most_twice(captured, batches, ratio):
+    expected, expected_after, legacy, legacy_stages = staged(captured, batches, use_record=False)
+    seen, after, runner, stages = staged(captured, batches, use_record=True, ratio=ratio)
+    for got, want in zip(seen, expected):
+        assert len(got) == len(want) == len(batches)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(after, expected_after))   # the block's last run agrees
+    # The recorded linears never run while recorded, and the block costs less than a run per stage.
+    assert len(stages) < len(legacy_stages)
+    assert len(runner.executed) < len(legacy.executed)
+    if ratio == 100.0:   # every checkpoint kept: a node runs in one record and at most once more at the end
+        block = segments(captured)[1].nodes
+        counts = collections.Counter(runner.executed)
+        assert all(counts[n.name] <= 2 * len(batches) for n in block)
+
+
+def test_record_starts_over_when_an_override_before_its_checkpoint_changes(captured, batches):
+    q0 = linear_of(captured, "model.layers.0.self_attn.q_proj")
+    down0 = linear_of(captured, "model.layers.0.mlp.down_proj").name
+    first, again, fresh, state = [], [], [], {}
+
+    def on_block(block):
+        if block.index == 0:
+            block.record({down0: recorder(first)})
+            state["checkpoint"] = block.checkpoint
+            block.weights[q0.name] = torch.zeros_like(get_constant(captured, q0.args[1]))
+            block.record({down0: recorder(again)})
+            block.run({down0: recorder(fresh)})
+            state["after_run"] = block.checkpoint
+
+    SequentialRunner(captured, batches, progress=False, checkpoint_ratio=100.0).run(on_block)
+    assert state["checkpoint"] is not None and state["checkpoint"].position > 0
+    assert all(torch.equal(a, b) for a, b in zip(again, fresh))
+    assert not torch.allclose(first[0], again[0])
+    assert state["after_run"] is None            # block.run drops it: in-place edits may follow
+
+
+def test_checkpoint_budget_is_a_multiple_of_the_block_inputs(captured, batches):
+    down0 = linear_of(captured, "model.layers.0.mlp.down_proj").name
+    kept = {}
+
+    def on_block(block, ratio):
+        if block.index == 0:
+            block.record({down0: lambda x: None})
+            checkpoint = block.checkpoint   # (the block's last run consumes it)
+            kept[ratio] = None if checkpoint is None else [
+                sum(isinstance(v, torch.Tensor) for v in values.values()) for values in checkpoint.values]
+
+    for ratio in (0.0, 100.0):
+        SequentialRunner(captured, batches, progress=False, checkpoint_ratio=ratio).run(
+            lambda block, r=ratio: on_block(block, r))
+    assert kept[0.0] is None                      # the values before down_proj take memory: not kept
+    assert kept[100.0] is not None and len(kept[100.0]) == len(batches) and min(kept[100.0]) > 0
