@@ -21,7 +21,7 @@ from ..errors import CalibrationError
 from .rtn import (QuantizedWeight, WeightFormat, _split, dequantize_values, group_parameters, grouped,
                   mse_group_parameters, quantize_values)
 
-__all__ = ["gptq_quantize", "hessian_update"]
+__all__ = ["gptq_quantize", "hessian_update", "symmetric_hessian"]
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,23 @@ _DAMP_GROWTH = 10.0
 _DAMP_RETRIES = 4
 
 
+# hessian_update(lower=True) multiplies in bands of this many rows, each up to its diagonal block.
+_LOWER_BAND = 128
+
+
 @torch.no_grad()
-def hessian_update(h: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def hessian_update(h: torch.Tensor | None, n: int, x: torch.Tensor, *, lower: bool = False
+                   ) -> tuple[torch.Tensor, int]:
     """Fold a batch of layer inputs `x [..., in]` into the running Hessian `h = (2/n) sum x x^T`.
 
     `h` is `None` (or anything with `n == 0`) before the first batch; `n` counts the rows folded so far.
     Returns `(h, n)`. The sum is kept as a running mean (`h * n/(n+m) + (2/(n+m)) x^T x`), so its magnitude
     does not grow with the number of rows. `h` is float32 and is updated in place when it already is one.
+
+    `lower=True` computes only the bands of `_LOWER_BAND` rows up to their diagonal block (the lower
+    triangle, and the diagonal blocks whole): about half the multiply-adds of a wide layer, each entry
+    computed as in the full product. The blocks above the diagonal are then stale until
+    `symmetric_hessian(h)` mirrors the lower triangle onto them (GPTQ's Cholesky reads the lower one).
     """
     x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
     rows, width = x.shape
@@ -52,8 +62,20 @@ def hessian_update(h: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[tor
     x = x.to(h.device)
     total = n + rows
     h.mul_(n / total)
-    h.addmm_(x.t(), x, alpha=2.0 / total)
+    if not lower or width <= _LOWER_BAND:
+        h.addmm_(x.t(), x, alpha=2.0 / total)
+    else:
+        for start in range(0, width, _LOWER_BAND):
+            stop = min(start + _LOWER_BAND, width)
+            h[start:stop, :stop].addmm_(x[:, start:stop].t(), x[:, :stop], alpha=2.0 / total)
     return h, total
+
+
+def symmetric_hessian(h: torch.Tensor) -> torch.Tensor:
+    """`h` with its strictly upper triangle replaced by the transpose of its lower one (in place), for a
+    Hessian accumulated with `hessian_update(..., lower=True)`."""
+    upper = torch.ones(h.shape, dtype=torch.bool, device=h.device).triu_(1)
+    return h.copy_(torch.where(upper, h.t(), h))
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -147,18 +169,34 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat, block_
     # Column-major from here on ([size, rows]): each step reads and updates whole contiguous columns.
     wt = w.t().contiguous()
     del w
-    codes = torch.empty(size, rows, dtype=torch.int64, device=wt.device)
+    # Integer formats: each column's integer levels are computed in float (exact for these small integers)
+    # into `levels`, and its dequantized values straight from them, `(level - zero) * scale`, which is
+    # rtn.dequantize_values' arithmetic on the same numbers; the codes are taken from `levels` per block.
+    # Code tables (nf4 / fp4) use rtn's quantize / dequantize functions column by column.
+    lean = fmt.dtype == "int"
+    half, top = 1 << (fmt.bits - 1), (1 << fmt.bits) - 1
+    if lean:
+        levels = torch.empty(size, rows, dtype=torch.float32, device=wt.device)
+        codes = torch.empty(size, rows, dtype=torch.uint8, device=wt.device)
+    else:
+        codes = torch.empty(size, rows, dtype=torch.int64, device=wt.device)
     used = torch.empty(size, rows, dtype=torch.float32, device=wt.device)
+    if static and col_zero is not None:
+        col_zero_f = col_zero.to(torch.float32)
+    s = z = zf = None
     for start in range(0, size, block_size):
         stop = min(start + block_size, size)
         count = stop - start
         block = wt[start:stop].clone()
-        errors = torch.zeros(count, rows, dtype=torch.float32, device=wt.device)
+        errors = torch.empty(count, rows, dtype=torch.float32, device=wt.device)
         hblock = hinv[start:stop, start:stop]
+        diag = hblock.diagonal().tolist()
         for i in range(count):
             col = start + i
             if static:
-                s, z = col_scale[col], None if col_zero is None else col_zero[col]
+                s = col_scale[col]
+                if col_zero is not None:
+                    z, zf = col_zero[col], col_zero_f[col]
             elif col % width == 0:
                 # The group's current values: updated in this block, and beyond the block the values after
                 # the previous blocks' propagation minus this block's pending updates (Hinv^T @ Err).
@@ -168,17 +206,27 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat, block_
                     later = wt[stop:end] - hinv[start:col, stop:end].t() @ errors[:i]
                     current = torch.cat([current, later])
                 s, z = find_parameters(current.t(), fmt)
+                zf = None if z is None else z.to(torch.float32)
                 scale[:, col // width] = s
                 if z is not None:
                     zero_point[:, col // width] = z
             column = block[i]
-            code = quantize_values(column, s, z, fmt)
-            q = dequantize_values(code, s, z, fmt)
-            codes[col] = code
-            used[col] = q
-            err = (column - q).div_(hblock[i, i])
+            if lean:
+                level = torch.div(column, s, out=levels[col]).round_()
+                if z is None:
+                    q = torch.mul(level.clamp_(-half, half - 1), s, out=used[col])
+                else:
+                    q = torch.sub(level.add_(zf).clamp_(0, top), zf, out=used[col]).mul_(s)
+            else:
+                code = quantize_values(column, s, z, fmt)
+                q = dequantize_values(code, s, z, fmt)
+                codes[col] = code
+                used[col] = q
+            err = torch.sub(column, q, out=errors[i]).div_(diag[i])
             block[i:].addr_(hblock[i, i:], err, alpha=-1)
-            errors[i] = err
+        if lean:  # the block's codes: levels + 2**(b-1) (symmetric) or the levels themselves (zero point)
+            chunk = levels[start:stop]
+            codes[start:stop] = chunk.add_(half) if zero_point is None else chunk
         if stop < size:
             wt[stop:].addmm_(hinv[start:stop, stop:].t(), errors, alpha=-1)
 

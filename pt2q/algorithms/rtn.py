@@ -166,14 +166,27 @@ def _codes_for(groups: torch.Tensor, fmt: WeightFormat, ratio):
     return codes, scale, zero_point
 
 
+# mse_group_parameters tries this many values of (ratios x group elements) at once, at most.
+_MSE_CHUNK_ELEMENTS = 1 << 22
+
+
 def mse_group_parameters(groups: torch.Tensor, fmt: WeightFormat, quantile=1.0):
     """(scale, zero_point) per group of `groups` [..., group]: of the range factors `quantile * r`, r in
-    MSE_CLIP_RATIOS, the one with the least squared quantization error of the group (ties: the widest)."""
+    MSE_CLIP_RATIOS, the one with the least squared quantization error of the group (ties: the widest).
+    Several factors are tried in one pass (a leading dimension, as many as fit _MSE_CHUNK_ELEMENTS)."""
+    per_chunk = max(1, min(len(MSE_CLIP_RATIOS), _MSE_CHUNK_ELEMENTS // max(groups.numel(), 1)))
+    shape = (-1,) + (1,) * (groups.dim() - 1)
     best = None
-    for ratio in MSE_CLIP_RATIOS:
-        codes, scale, zero_point = _codes_for(groups, fmt, quantile * ratio)
+    for first in range(0, len(MSE_CLIP_RATIOS), per_chunk):
+        ratios = torch.tensor([quantile * r for r in MSE_CLIP_RATIOS[first:first + per_chunk]],
+                              dtype=torch.float32, device=groups.device).reshape(shape)
+        codes, scale, zero_point = _codes_for(groups, fmt, ratios)   # [ratios, ...]
         zero = None if zero_point is None else zero_point.unsqueeze(-1)
         error = (dequantize_values(codes, scale.unsqueeze(-1), zero, fmt) - groups).pow(2).sum(-1)
+        error, index = error.min(0)                  # the first of equal errors: the widest range
+        scale = scale.gather(0, index.unsqueeze(0)).squeeze(0)
+        if zero_point is not None:
+            zero_point = zero_point.gather(0, index.unsqueeze(0)).squeeze(0)
         if best is None:
             best = [error, scale, zero_point]
             continue

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from pt2q.algorithms.gptq import _gptq, gptq_quantize, hessian_update
+from pt2q.algorithms.gptq import _gptq, gptq_quantize, hessian_update, symmetric_hessian
 from pt2q.algorithms.rtn import WeightFormat, _split, dequantize_values, group_parameters, quantize_values, rtn_quantize
 from pt2q.errors import CalibrationError
 from pt2q.ops import dequantize_weight
@@ -225,6 +225,54 @@ def test_hessian_update_equals_hessian_of_concatenation():
     torch.testing.assert_close(h, hessian_of(both), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="12"):
         hessian_update(h, n, torch.randn(3, 10))
+
+
+@pytest.mark.parametrize("features", [100, 300])     # one band; three bands, the last one short
+def test_lower_bands_hessian_equals_the_full_product(features):
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(3, 40, features, generator=gen) * 2 + 0.5, torch.randn(70, features, generator=gen)]
+    full, lower, n, m = None, None, 0, 0
+    for x in batches:
+        full, n = hessian_update(full, n, x)
+        lower, m = hessian_update(lower, m, x, lower=True)
+    assert m == n == 190
+    symmetric_hessian(lower)
+    assert torch.equal(lower, lower.t())
+    # Each lower entry is the full product's dot product; BLAS may round the two triangles differently.
+    torch.testing.assert_close(torch.tril(lower), torch.tril(full), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lower, hessian_of(torch.cat([b.reshape(-1, features) for b in batches])),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(4, 32, sym=True), WeightFormat(3, 32, sym=False),
+                                 WeightFormat(4, 32, dtype="nf4")], ids=["w4s", "w3a", "nf4"])
+def test_mse_clip_search_does_not_depend_on_how_many_ratios_go_at_once(fmt, monkeypatch):
+    from pt2q.algorithms import rtn
+
+    gen = torch.Generator().manual_seed(5)
+    groups = torch.randn(48, 6, 32, generator=gen) * torch.rand(48, 6, 32, generator=gen).pow(3)
+    groups[0] = 0                                        # all-zero groups: scale 1
+    together = rtn.mse_group_parameters(groups, fmt, 0.95)
+    monkeypatch.setattr(rtn, "_MSE_CHUNK_ELEMENTS", 1)   # one ratio at a time
+    alone = rtn.mse_group_parameters(groups, fmt, 0.95)
+    monkeypatch.setattr(rtn, "_MSE_CHUNK_ELEMENTS", groups.numel() * 7)   # 7 at a time: 6 chunks, one short
+    sevens = rtn.mse_group_parameters(groups, fmt, 0.95)
+    for other in (alone, sevens):
+        assert torch.equal(together[0], other[0])
+        assert (together[1] is None) == (other[1] is None)
+        assert together[1] is None or torch.equal(together[1], other[1])
+    # The choice is the least squared error over every ratio tried.
+    errors = []
+    for ratio in rtn.MSE_CLIP_RATIOS:
+        scale, zero = group_parameters(groups, fmt, 0.95 * ratio)
+        z = None if zero is None else zero.unsqueeze(-1)
+        codes = quantize_values(groups, scale.unsqueeze(-1), z, fmt)
+        errors.append((dequantize_values(codes, scale.unsqueeze(-1), z, fmt) - groups).pow(2).sum(-1))
+    scale, zero = together
+    z = None if zero is None else zero.unsqueeze(-1)
+    chosen = (dequantize_values(quantize_values(groups, scale.unsqueeze(-1), z, fmt), scale.unsqueeze(-1), z, fmt)
+              - groups).pow(2).sum(-1)
+    assert torch.equal(chosen, torch.stack(errors).amin(0))
 
 
 def test_group_dim_0_is_rejected():
