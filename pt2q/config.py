@@ -310,7 +310,10 @@ class GPTQConfig(_WeightOnlyConfig):
     true_sequential: within a block, layers fed by the outputs of already quantized layers are calibrated
         after them (q/k/v, then o, then gate/up, then down in a LLaMA block).
     mse_clip: each group's range is the clip factor 1 - i/200 (i < 40) with the least squared error of the
-        group's values at the moment GPTQ reaches it, instead of the full range.
+        group's values at the moment GPTQ reaches it, instead of the full range. On by default: on real
+        all-MiniLM-L6-v2 at 4 bits, groups of 32, it raised the mean / min cosine to fp32 on the
+        calibration sentences from 0.9881 / 0.9789 to 0.9909 / 0.9860 (symmetric) and 0.9920 / 0.9854 to
+        0.9925 / 0.9869 (asymmetric), for about 7% more quantize time. mse_clip=False: the full range.
     n_samples: calibration batches used (the first n of calib_data).
     """
 
@@ -323,7 +326,7 @@ class GPTQConfig(_WeightOnlyConfig):
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
-    mse_clip: bool = False
+    mse_clip: bool = True
     n_samples: int = 128
     group_dim: int = 1
     local_rules: list = field(default_factory=list, repr=False, init=False)

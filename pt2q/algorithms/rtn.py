@@ -166,6 +166,21 @@ def _codes_for(groups: torch.Tensor, fmt: WeightFormat, ratio):
     return codes, scale, zero_point
 
 
+def _fake_quantized(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                    fmt: WeightFormat) -> torch.Tensor:
+    """dequantize_values(quantize_values(values, scale, zero_point[..., None]), ...): for integer formats
+    the levels are kept in float (exact for these small integers), the same numbers without int64 copies."""
+    if fmt.dtype != "int":
+        zero = None if zero_point is None else zero_point.unsqueeze(-1)
+        return dequantize_values(quantize_values(values, scale, zero, fmt), scale, zero, fmt)
+    level = torch.round(values / scale)
+    if zero_point is None:
+        half = 1 << (fmt.bits - 1)
+        return level.clamp_(-half, half - 1).mul_(scale)
+    zero = zero_point.unsqueeze(-1).to(torch.float32)
+    return level.add_(zero).clamp_(0, (1 << fmt.bits) - 1).sub_(zero).mul_(scale)
+
+
 # mse_group_parameters tries this many values of (ratios x group elements) at once, at most.
 _MSE_CHUNK_ELEMENTS = 1 << 22
 
@@ -180,9 +195,8 @@ def mse_group_parameters(groups: torch.Tensor, fmt: WeightFormat, quantile=1.0):
     for first in range(0, len(MSE_CLIP_RATIOS), per_chunk):
         ratios = torch.tensor([quantile * r for r in MSE_CLIP_RATIOS[first:first + per_chunk]],
                               dtype=torch.float32, device=groups.device).reshape(shape)
-        codes, scale, zero_point = _codes_for(groups, fmt, ratios)   # [ratios, ...]
-        zero = None if zero_point is None else zero_point.unsqueeze(-1)
-        error = (dequantize_values(codes, scale.unsqueeze(-1), zero, fmt) - groups).pow(2).sum(-1)
+        scale, zero_point = group_parameters(groups, fmt, ratios)   # [ratios, ...]
+        error = (_fake_quantized(groups, scale.unsqueeze(-1), zero_point, fmt) - groups).pow(2).sum(-1)
         error, index = error.min(0)                  # the first of equal errors: the widest range
         scale = scale.gather(0, index.unsqueeze(0)).squeeze(0)
         if zero_point is not None:

@@ -321,3 +321,10 @@ def test_mse_clip_groups_dequantize_exactly_and_clip_the_range():
     assert torch.equal(clipped.dequantize(), used)
     assert (clipped.scale <= plain.scale * 1.0001).float().mean() > 0.5   # most groups got a narrower range
     assert not torch.equal(clipped.scale, plain.scale)
+
+
+def test_gptq_config_clips_group_ranges_by_mse_by_default():
+    from pt2q import GPTQConfig
+
+    assert GPTQConfig().mse_clip is True and GPTQConfig(mse_clip=False).mse_clip is False
+    assert "mse_clip" in (GPTQConfig.__doc__ or "") and "On by default" in GPTQConfig.__doc__
