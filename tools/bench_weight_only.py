@@ -12,7 +12,11 @@ Part 2, decode-step latency (one token, batch 1 and batch 8, no KV cache) of a L
 random weights (hidden 2048, MLP 5632, 2 layers, vocabulary 1024 so the float LM head stays small):
 fp32 and bf16 Inductor, torchao's weight-only configs under torch.compile, and pt2q RTN W8 / W4 compiled
 with `pt2q.backends.inductor.compile` (its weight-only kernel lowering; `weight_only_kernels` is counted
-when the backend exposes it). Latency = median over interleaved rounds; speedup is against fp32 Inductor.
+when the backend exposes it; pt2q's W8 / W4 also pinned to ATen's kernels, the `*_aten_kernels` rows).
+Latency = median over interleaved rounds; `latency_best_ms` the least disturbed round and `latency_cpu_ms`
+the process CPU time per call (what a shared machine inflates least); speedups are against fp32 Inductor.
+Run under ATEN_CPU_CAPABILITY=avx2 for the AVX2 kernels: Inductor's generated C++ follows that variable
+too (`inductor_vec_isa` in the JSON).
 
 On a machine shared with other busy processes, multi-threaded (OpenMP) kernels stall whenever one of
 their threads is descheduled: `--threads 1` runs part 1 single-threaded (so quantize times compare the
@@ -36,6 +40,7 @@ import copy
 import gc
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -332,6 +337,25 @@ def decode_contenders(skip_peers: bool) -> dict:
         "pt2q_rtn_w4_g128": (torch.float32, lambda m, e: compile_pt2q_rtn(
             m, e, pt2q.RTNConfig(bits=4, group_size=128))),
     }
+    # The same formats on ATen's kernels (the weight-only kernel table's other column), for comparison
+    from pt2q.backends.inductor.weight_only import KERNELS_ENV
+
+    def aten_kernels(compile_fn):
+        def run(model, example):
+            previous = os.environ.get(KERNELS_ENV)
+            os.environ[KERNELS_ENV] = "aten"
+            try:
+                return compile_fn(model, example)
+            finally:
+                if previous is None:
+                    os.environ.pop(KERNELS_ENV)
+                else:
+                    os.environ[KERNELS_ENV] = previous
+        return run
+
+    for name in ("pt2q_rtn_w8_perchannel", "pt2q_rtn_w4_g32", "pt2q_rtn_w4_g128"):
+        dtype, compile_fn = chosen[name]
+        chosen[f"{name}_aten_kernels"] = (dtype, aten_kernels(compile_fn))
     if not skip_peers:
         def int8():
             from torchao.quantization import Int8WeightOnlyConfig
@@ -366,7 +390,12 @@ def decode_part(args, part: dict) -> dict:
 
 
 def decode_runs(args, model, part: dict) -> dict:
+    from torch._inductor import cpu_vec_isa
+
     chosen = decode_contenders(args.skip_peers)
+    # Inductor picks its generated code's ISA separately from ATen (it honours ATEN_CPU_CAPABILITY too)
+    part["inductor_vec_isa"] = str(cpu_vec_isa.pick_vec_isa())
+    part["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     for batch_size in args.decode_batches:
         generator = torch.Generator().manual_seed(batch_size)
         example = {"input_ids": torch.randint(0, LLAMA_SHAPE["vocab_size"], (batch_size, 1), generator=generator)}
@@ -391,16 +420,34 @@ def decode_runs(args, model, part: dict) -> dict:
             checkpoint()
         log(f"decode batch {batch_size}: timing {len(runners)} contenders")
         results["load_average_1min_before"] = load_average()
-        latencies = demo.interleaved_latencies(runners, example, args.rounds, args.runs)
+        # Interleaved rounds (as demo.interleaved_latencies), each call timed by the wall clock and by the
+        # process's CPU time. latency = the median over rounds of each round's median wall time; best = the
+        # least disturbed round; cpu = the same median of CPU time, which a machine shared with busy
+        # processes inflates least (at 1 thread it is the kernel's own time, cache and memory contention aside)
+        rounds = {name: {"": [], "best_": [], "cpu_": []} for name in runners}
+        with torch.no_grad():
+            for _ in range(args.rounds):
+                for name, runner in runners.items():
+                    runner(**example)  # warm-up
+                    wall, cpu = [], []
+                    for _ in range(args.runs):
+                        start, start_cpu = time.perf_counter(), time.process_time()
+                        runner(**example)
+                        cpu.append(time.process_time() - start_cpu)
+                        wall.append(time.perf_counter() - start)
+                    for key, values in (("", wall), ("best_", wall), ("cpu_", cpu)):
+                        rounds[name][key].append(statistics.median(values))
         results["load_average_1min_after"] = load_average()
-        fp32 = latencies.get("fp32_inductor")
-        bf16 = latencies.get("bf16_inductor")
-        for name, latency in latencies.items():
-            results[name]["latency_ms"] = latency * 1e3
-            if fp32:
-                results[name]["speedup_vs_fp32_inductor"] = fp32 / latency
-            if bf16:
-                results[name]["speedup_vs_bf16_inductor"] = bf16 / latency
+        for key, pick in (("", statistics.median), ("best_", min), ("cpu_", statistics.median)):
+            latencies = {name: pick(values[key]) for name, values in rounds.items()}
+            fp32 = latencies.get("fp32_inductor")
+            bf16 = latencies.get("bf16_inductor")
+            for name, latency in latencies.items():
+                results[name][f"latency_{key}ms"] = latency * 1e3
+                if fp32:
+                    results[name][f"speedup_{key}vs_fp32_inductor"] = fp32 / latency
+                if bf16:
+                    results[name][f"speedup_{key}vs_bf16_inductor"] = bf16 / latency
         del runners
         gc.collect()
         checkpoint()
@@ -446,13 +493,19 @@ def targets(results: dict) -> dict:
         if not threads.startswith("threads_"):
             continue
         b1 = runs.get("batch_1", {})
-        bf16 = _get(b1, "bf16_inductor", "latency_ms")
         for tag, name, factor in (("int4_g32", "pt2q_rtn_w4_g32", 3.0), ("int4_g128", "pt2q_rtn_w4_g128", 3.0),
                                   ("int8", "pt2q_rtn_w8_perchannel", 2.0)):
-            speedup, latency = _get(b1, name, "speedup_vs_fp32_inductor"), _get(b1, name, "latency_ms")
-            out[f"decode_{threads}_b1_{tag}_speedup>={factor:g}x_and_faster_than_bf16"] = {
-                "contender": name, "speedup_vs_fp32_inductor": speedup, "latency_ms": latency, "bf16_ms": bf16,
-                "met": None if None in (speedup, latency, bf16) else speedup >= factor and latency < bf16}
+            entry = out[f"decode_{threads}_b1_{tag}_speedup>={factor:g}x_and_faster_than_bf16"] = {
+                "contender": name, "kernels": _get(b1, name, "weight_only_kernels"),
+                "isa": runs.get("aten_cpu_capability")}
+            for key in ("", "best_", "cpu_"):  # wall median, the least disturbed round, CPU time
+                bf16 = _get(b1, "bf16_inductor", f"latency_{key}ms")
+                speedup = _get(b1, name, f"speedup_{key}vs_fp32_inductor")
+                latency = _get(b1, name, f"latency_{key}ms")
+                entry.update({f"speedup_{key}vs_fp32_inductor": speedup, f"latency_{key}ms": latency,
+                              f"bf16_{key}ms": bf16,
+                              f"met{'_' + key[:-1] if key else ''}": None if None in (speedup, latency, bf16)
+                              else speedup >= factor and latency < bf16})
     return out
 
 
