@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
-from .calibration import _check_finite_inputs
+from .calibration import check_finite_inputs
 from .capture import normalize_inputs
 from .errors import CalibrationError
 from .graph import module_stack
@@ -156,7 +156,7 @@ class SequentialRunner:
                 args, kwargs = normalize_inputs(batch)
             except TypeError as error:
                 raise CalibrationError(f"calibration batch {index}: {error}") from error
-            _check_finite_inputs(args, kwargs, index)
+            check_finite_inputs(args, kwargs, index)
             flat = self._flatten(args, kwargs, index)
             if len(flat) != len(placeholders):
                 raise CalibrationError(f"calibration batch {index} has {len(flat)} tensors, the captured graph "

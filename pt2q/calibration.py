@@ -21,7 +21,7 @@ def observers(graph_module: GraphModule) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in graph_module.named_modules() if isinstance(module, ObserverBase)}
 
 
-def _check_finite_inputs(args: tuple, kwargs: dict, batch_index: int) -> None:
+def check_finite_inputs(args: tuple, kwargs: dict, batch_index: int) -> None:
     named = [(f"positional argument {i}", a) for i, a in enumerate(args)] + \
             [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
     for name, value in named:
@@ -150,7 +150,7 @@ def run_calibration(graph_module: GraphModule, calib_data: Iterable, *, progress
                 args, kwargs = normalize_inputs(batch)
             except TypeError as error:
                 raise CalibrationError(f"calibration batch {index}: {error}") from error
-            _check_finite_inputs(args, kwargs, index)
+            check_finite_inputs(args, kwargs, index)
             try:
                 _run_batch(graph_module, args, kwargs, batch_index)
             except CalibrationError:
