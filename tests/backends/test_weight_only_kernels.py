@@ -23,7 +23,8 @@ from pt2q.backends import inductor
 from pt2q.backends.inductor import kernels as kernel_library
 from pt2q.backends.inductor import weight_only
 from pt2q.backends.inductor.weight_only import (INT4_KERNEL, INT8_KERNEL, KERNEL_CHOICES, PT2Q_INT4_AVX2,
-                                                PT2Q_INT8_AVX2, LowerWeightOnly)
+                                                PT2Q_INT4_AVX512, PT2Q_INT8_AVX2, PT2Q_INT8_AVX512,
+                                                LowerWeightOnly)
 from pt2q.isa import detect
 from pt2q.ops import DEQUANTIZE_WEIGHT
 from pt2q.passes.manager import PassManager
@@ -71,7 +72,7 @@ CASES = {  # name: (N, K, format)
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("rows", [1, 3, 20])  # GEMV; GEMV per row; >= 16 rows: dequantize + at::mm
+@pytest.mark.parametrize("rows", [1, 3, 20, 70])  # GEMV; GEMV per row; >= 16 rows: dequantized tiles + at::mm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_the_dequantized_weight(isa, case, rows, dtype):
     out_features, in_features, fmt = CASES[case]
@@ -91,9 +92,10 @@ def test_kernel_fp16_input_and_non_contiguous_rows(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_kernel_threads_split_rows_without_changing_them(isa):
+@pytest.mark.parametrize("rows", [2, 20])  # GEMV per row; dequantized tiles
+def test_kernel_threads_split_rows_without_changing_them(isa, rows):
     q = quantized(520, 128, WeightFormat(bits=4, group_size=32, sym=False))  # 130 row blocks: several tasks
-    x = torch.randn(2, 128)
+    x = torch.randn(rows, 128)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -165,18 +167,23 @@ class FakeIsa:
 W8, W4_ASYM = WeightFormat(bits=8, group_size=-1), WeightFormat(bits=4, group_size=32, sym=False)
 
 
-@pytest.mark.parametrize("vector_isa, kernels, expected", [
-    ("avx2", "auto", (PT2Q_INT8_AVX2, PT2Q_INT4_AVX2)),
-    ("avx2", "aten", (INT8_KERNEL, INT4_KERNEL)),
-    ("avx2", "pt2q", (PT2Q_INT8_AVX2, PT2Q_INT4_AVX2)),
-    ("default", "auto", (INT8_KERNEL, INT4_KERNEL)),
-    ("default", "pt2q", (None, None)),  # no pt2q kernel for this ISA: dequantize + linear stays
-    ("avx2", [PT2Q_INT4_AVX2, INT8_KERNEL], (INT8_KERNEL, PT2Q_INT4_AVX2)),
-    ("avx2", f"{INT8_KERNEL},{INT4_KERNEL}", (INT8_KERNEL, INT4_KERNEL)),
+@pytest.mark.parametrize("vector_isa, kernels, x_shape, expected", [
+    ("avx2", "auto", (1, 1, 64), (PT2Q_INT8_AVX2, PT2Q_INT4_AVX2)),  # decode: one row
+    ("avx2", "auto", (2, 3, 64), (INT8_KERNEL, INT4_KERNEL)),        # batch: ATen's bf16 kernels first
+    ("avx512", "auto", (1, 64), (PT2Q_INT8_AVX512, PT2Q_INT4_AVX512)),
+    ("avx2", "aten", (1, 1, 64), (INT8_KERNEL, INT4_KERNEL)),
+    ("avx2", "pt2q", (2, 3, 64), (PT2Q_INT8_AVX2, PT2Q_INT4_AVX2)),
+    ("default", "auto", (1, 1, 64), (INT8_KERNEL, INT4_KERNEL)),
+    ("default", "pt2q", (1, 1, 64), (None, None)),  # no pt2q kernel for this ISA: dequantize + linear stays
+    ("avx2", [PT2Q_INT4_AVX2, INT8_KERNEL], (2, 3, 64), (INT8_KERNEL, PT2Q_INT4_AVX2)),
+    ("avx2", f"{INT8_KERNEL},{INT4_KERNEL}", (1, 1, 64), (INT8_KERNEL, INT4_KERNEL)),
 ])
-def test_the_table_picks_the_kernel_by_isa_and_override(monkeypatch, vector_isa, kernels, expected):
+def test_the_table_picks_the_kernel_by_isa_regime_and_override(monkeypatch, vector_isa, kernels, x_shape,
+                                                               expected):
+    if "avx512" in vector_isa and ISA.vector_isa != "avx512":
+        pytest.skip(f"no AVX-512 here ({ISA.describe()})")
     monkeypatch.setattr(weight_only, "detect", lambda: FakeIsa(vector_isa))
-    x = torch.randn(2, 3, 64)
+    x = torch.randn(*x_shape)
     gm = packed_model(x, (W8, W4_ASYM))
     out, report = lowered(gm, kernels=kernels)
     assert report.isa == vector_isa
@@ -200,11 +207,12 @@ def test_the_environment_variable_selects_and_bad_names_are_refused(monkeypatch)
         LowerWeightOnly()
 
 
-def test_auto_is_the_first_row_of_this_cpus_table():
+def test_auto_reads_this_cpus_row_of_the_table():
     lower = LowerWeightOnly(kernels="auto")
     assert lower.isa == ISA.vector_isa
-    assert lower.candidates(4) == KERNEL_CHOICES[ISA.vector_isa][4]
-    assert lower.candidates(8) == KERNEL_CHOICES[ISA.vector_isa][8]
+    for regime in ("decode", "batch"):
+        for bits in (4, 8):
+            assert lower.candidates(bits, regime) == KERNEL_CHOICES[ISA.vector_isa][regime][bits]
 
 
 @pytest.mark.skipif(ISA.vector_isa not in ("avx2", "avx512"), reason=f"no AVX2 here ({ISA.describe()})")
@@ -282,5 +290,5 @@ def test_inductor_compile_runs_the_table_choice():
     expected = _output(gm(x))
     compiled = inductor.compile(gm, (x,))
     choice = KERNEL_CHOICES[ISA.vector_isa]
-    assert compiled.weight_only_kernels == {"linear": choice[8][0], "linear_1": choice[4][0]}
+    assert compiled.weight_only_kernels == {"linear": choice["decode"][8][0], "linear_1": choice["decode"][4][0]}
     assert rel_error(_output(compiled(x)), expected) < 1e-5

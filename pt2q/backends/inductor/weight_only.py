@@ -11,10 +11,12 @@ Each pair (see pt2q/ops.py for the packed layout) becomes, when a kernel fits th
 
 and otherwise stays `dequantize_weight + linear`, with one INFO log line per layer giving the reason.
 
-Which kernel is data: `KERNEL_CHOICES[vector ISA][bits]` lists the kernels to try, fastest first (measured,
-see the table's comment), for the ISA `pt2q.isa.detect().vector_isa` reports (ATen's dispatch level, so
-ATEN_CPU_CAPABILITY=avx2 selects the AVX2 row on an AVX-512 machine). Each candidate packs its constants
-(`KernelSpec.prepare`), runs the self-check, and passes the layer to the next one when it cannot take it.
+Which kernel is data: `KERNEL_CHOICES[vector ISA][regime][bits]` lists the kernels to try, fastest first
+(measured, see the table's comment), for the ISA `pt2q.isa.detect().vector_isa` reports (ATen's dispatch
+level, so ATEN_CPU_CAPABILITY=avx2 selects the AVX2 row on an AVX-512 machine) and the regime: "decode"
+when x has one row (static), where pt2q's kernels are fastest, else "batch", where ATen's are. Each
+candidate packs its constants (`KernelSpec.prepare`), runs the self-check, and passes the layer to the next
+one when it cannot take it.
 `LowerWeightOnly(kernels=...)` (or PT2Q_WEIGHT_ONLY_KERNELS) restricts the choice: "aten", "pt2q", or kernel
 names. `LowerWeightOnly.report` lists per linear node the kernel chosen or the reasons none was
 (`WeightOnlyReport.kernels()`; `compiled.weight_only_kernels` after `backends.inductor.compile`).
@@ -137,15 +139,28 @@ KERNELS = {spec.name: spec for spec in (
     KernelSpec(PT2Q_INT8_AVX512, "pt2q", 8, "avx512", "_prepare_pt2q"),
     KernelSpec(PT2Q_INT4_AVX512, "pt2q", 4, "avx512", "_prepare_pt2q"),
 )}
-# Vector ISA (pt2q.isa.detect().vector_isa) -> weight bits -> kernels to try, fastest first; a kernel that
-# does not take the layer (shape limits, self-check, no compiler) passes it to the next. Measured at batch 1,
-# 1 thread, N x K = 5632 x 2048 on the AVX-512 dev machine (Zen 4), bf16 x: ATen int4 g32 1.30 ms, int8 1.46
-# ms; pt2q avx512 int4 g32 0.88 ms, int8 0.80 ms; pt2q avx2 int4 g32 1.06 ms, int8 1.00 ms (bf16 F.linear 3.75).
+# Vector ISA (pt2q.isa.detect().vector_isa) -> regime -> weight bits -> kernels to try, fastest first; a
+# kernel that does not take the layer (shape limits, self-check, no compiler) passes it to the next.
+# "decode": x has one row ([1, K] or [1, 1, K], static), the memory-bound GEMV; "batch": more rows, or a
+# row count not known when lowering. Measured on the AVX-512 dev machine (Zen 4), 1 thread, N x K = 5632 x
+# 2048, CPU time per call (ms):
+#                     M=1 int4 g32 / int8   M=4 int4 / int8   M=8 int4 / int8   (bf16 F.linear M=1 / 8: 2.3 / 2.2)
+#   ATen (bf16 x)            0.69 / 1.23        1.13 / 1.69       2.22 / 3.30
+#   pt2q avx512              0.49 / 0.36        2.15 / 1.85       3.99 / 3.38
+#   ATEN_CPU_CAPABILITY=avx2:
+#   ATen (bf16 x)            1.52 / 1.31        1.85 / 2.88       4.11 / 4.84
+#   pt2q avx2                0.51 / 0.47        3.13 / 2.80       6.03 / 4.27
+# pt2q's kernels compute in fp32 (one FMA per weight per row); ATen's in bf16 with wider dot products, which
+# wins once a weight serves several rows.
 KERNEL_CHOICES = {
-    "avx512": {8: (PT2Q_INT8_AVX512, INT8_KERNEL), 4: (PT2Q_INT4_AVX512, INT4_KERNEL)},
-    "avx2": {8: (PT2Q_INT8_AVX2, INT8_KERNEL), 4: (PT2Q_INT4_AVX2, INT4_KERNEL)},
-    "default": {8: (INT8_KERNEL,), 4: (INT4_KERNEL,)},
+    "avx512": {"decode": {8: (PT2Q_INT8_AVX512, INT8_KERNEL), 4: (PT2Q_INT4_AVX512, INT4_KERNEL)},
+               "batch": {8: (INT8_KERNEL, PT2Q_INT8_AVX512), 4: (INT4_KERNEL, PT2Q_INT4_AVX512)}},
+    "avx2": {"decode": {8: (PT2Q_INT8_AVX2, INT8_KERNEL), 4: (PT2Q_INT4_AVX2, INT4_KERNEL)},
+             "batch": {8: (INT8_KERNEL, PT2Q_INT8_AVX2), 4: (INT4_KERNEL, PT2Q_INT4_AVX2)}},
+    "default": {"decode": {8: (INT8_KERNEL,), 4: (INT4_KERNEL,)},
+                "batch": {8: (INT8_KERNEL,), 4: (INT4_KERNEL,)}},
 }
+REGIMES = ("decode", "batch")
 KERNEL_SETS = ("auto", "pt2q", "aten")
 KERNELS_ENV = "PT2Q_WEIGHT_ONLY_KERNELS"
 
@@ -328,11 +343,11 @@ class LowerWeightOnly:
         self.isa = detect().vector_isa
         self.report = WeightOnlyReport(self.activation_dtype, dynamic_activations, self.isa, self.kernels)
 
-    def candidates(self, bits: int) -> tuple[str, ...]:
-        """The kernels tried for `bits`-bit weights, in order."""
+    def candidates(self, bits: int, regime: str = "decode") -> tuple[str, ...]:
+        """The kernels tried for `bits`-bit weights in `regime` ("decode": one row of x; "batch"), in order."""
         if isinstance(self.kernels, tuple):
             return tuple(name for name in self.kernels if KERNELS[name].bits == bits)
-        row = KERNEL_CHOICES[self.isa].get(bits, ())
+        row = KERNEL_CHOICES[self.isa][regime].get(bits, ())
         if self.kernels == "auto":
             return row
         return tuple(name for name in row if KERNELS[name].provider == self.kernels)
@@ -412,9 +427,13 @@ class LowerWeightOnly:
             raise _Fallback(f"input {x_val.dtype} {tuple(x_val.shape)} is not a float [..., {in_features}] tensor")
         layer = _Layer(packed, scale, zero_point, code_table, bits, group_size, out_features, in_features,
                        x_val.dtype, tuple(args[4:]))
-        candidates = self.candidates(bits)
+        rows = 1
+        for size in x_val.shape[:-1]:
+            rows = rows * size
+        regime = "decode" if isinstance(rows, int) and rows == 1 else "batch"
+        candidates = self.candidates(bits, regime)
         if not candidates:
-            raise _Fallback(f"no {bits}-bit kernel selected (kernels={self.kernels!r}, {self.isa} ISA)")
+            raise _Fallback(f"no {bits}-bit kernel selected (kernels={self.kernels!r}, {self.isa} ISA, {regime})")
         rejected = []
         for name in candidates:
             try:

@@ -14,8 +14,10 @@ uses ATen's kernels.
 Arithmetic: fp32 accumulation of x * code per group, times the group's fp32 scale, minus
 scale * zero_point * sum(x over the group); exact to fp32 rounding against x @ dequantize(W).T (only the
 summation order differs). Activations smaller than ~1e-30 in magnitude lose precision (they are pre-scaled
-by up to 2**-24, see weight_only_body.h). M < 16 rows: GEMV per row against the packed words (decode);
-M >= 16: the weight is dequantized to fp32 once per call and multiplied with at::mm (prefill).
+by up to 2**-24, see weight_only_body.h). M < 16 rows: GEMV per row against the packed words (decode; the
+rows reuse each 4-row weight block from cache, but every row pays the dequantize arithmetic again);
+M >= 16: tiles of 64 weight rows are dequantized to fp32 and multiplied with at::mm (prefill). Beyond one
+row ATen's bf16 kernels are faster where they apply (the lowering's "batch" regime prefers them).
 
 `pack` writes the layout (weight_only_body.h): per ISA, `LANES[isa]` columns per step, blocks of
 `32 / bits * lanes` columns, rows interleaved by 4.

@@ -8,7 +8,7 @@
 // (kernels/__init__.py) packs it and registers the fake kernels.
 //
 // M < kDequantizeRows: every activation row runs the GEMV against the packed words (decode). Larger M
-// (prefill): the weight is dequantized to fp32 once and multiplied with at::mm.
+// (prefill): tiles of 64 weight rows are dequantized to fp32 and multiplied with at::mm.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -17,12 +17,14 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
 namespace pt2q_kernels {
 
 constexpr int64_t kDequantizeRows = 16;
+constexpr int64_t kTileRowBlocks = 16;  // 64 weight rows per prefill tile
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -39,6 +41,9 @@ struct V {
   static inline i srli(i a) { return _mm256_srli_epi32(a, S); }
   static inline f cvt(i a) { return _mm256_cvtepi32_ps(a); }
   static inline f fma(f a, f b, f c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline f fmsub(f a, f b, f c) { return _mm256_fmsub_ps(a, b, c); }
+  static inline i srlv(i a, int count) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(count)); }
+  static inline void storef(float* p, f a) { _mm256_storeu_ps(p, a); }
   static inline f bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static inline f zerof() { return _mm256_setzero_ps(); }
   // (sum of t[0], ..., sum of t[3])
@@ -66,6 +71,9 @@ struct V {
   static inline i srli(i a) { return _mm512_srli_epi32(a, S); }
   static inline f cvt(i a) { return _mm512_cvtepi32_ps(a); }
   static inline f fma(f a, f b, f c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline f fmsub(f a, f b, f c) { return _mm512_fmsub_ps(a, b, c); }
+  static inline i srlv(i a, int count) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(count)); }
+  static inline void storef(float* p, f a) { _mm512_storeu_ps(p, a); }
   static inline f bcast(const float* p) { return _mm512_set1_ps(*p); }
   static inline f zerof() { return _mm512_setzero_ps(); }
   static inline __m256 fold(f a) {
@@ -118,31 +126,6 @@ void prescale_rows(const T* x, int64_t m_rows, int64_t k, int64_t x_stride, int 
   });
 }
 
-// fp32 weight [N4 * 4, kp] from the packed layout (the large-M path)
-at::Tensor dequantize(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zero_terms, int bits,
-                      int l, int64_t group_size) {
-  const int64_t row_blocks = words.size(0), kp = words.size(1) * words.size(3) * (32 / bits);
-  const int64_t groups = scales.size(1), p = 32 / bits, block = p * l;
-  at::Tensor weight = at::empty({row_blocks * 4, kp}, words.options().dtype(at::kFloat));
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
-  const float* s = scales.data_ptr<float>();
-  const float* z = zero_terms.data_ptr<float>();
-  float* out = weight.data_ptr<float>();
-  const uint32_t mask = (1u << bits) - 1;
-  at::parallel_for(0, row_blocks * 4, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t nb = n / 4, r = n % 4;
-      for (int64_t c = 0; c < kp; ++c) {
-        const int64_t b = c / block, j = (c % block) / l, lane = c % l;
-        const uint32_t code = (w[((nb * (kp / block) + b) * 4 + r) * l + lane] >> (bits * j)) & mask;
-        const int64_t g = (nb * groups + c / group_size) * 4 + r;
-        out[n * kp + c] = static_cast<float>(code) * s[g] - z[g];
-      }
-    }
-  });
-  return weight;
-}
-
 template <typename T>
 void store(const float* y, int64_t m_rows, int64_t y_stride, int64_t n, T* out) {
   for (int64_t m = 0; m < m_rows; ++m) {
@@ -180,11 +163,30 @@ at::Tensor linear(Isa isa, int bits, const at::Tensor& x_in, const at::Tensor& w
   if (m_rows == 0) return out;
 
   if (m_rows >= kDequantizeRows) {
+    // Prefill: per task, tiles of kTileRowBlocks * 4 weight rows dequantized to fp32 (L2-sized for K of a
+    // few thousand) and multiplied with at::mm; the weight never exists in fp32 as a whole.
     at::Tensor xf = x_in.to(at::kFloat);
     if (k < kp) xf = at::constant_pad_nd(xf, {0, kp - k}, 0.0);
-    at::Tensor weight = dequantize(words, scales, zero_terms, bits, l, group_size);
-    at::Tensor y = at::mm(xf, weight.narrow(0, 0, out_features).t());
-    out.copy_(y);
+    xf = xf.contiguous();
+    const int32_t* w = words.data_ptr<int32_t>();
+    const float *s = scales.data_ptr<float>(), *z = zero_terms.data_ptr<float>();
+    const int64_t tiles = (row_blocks + kTileRowBlocks - 1) / kTileRowBlocks;
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor tile = at::empty({kTileRowBlocks * 4, kp}, xf.options());
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t nb0 = t * kTileRowBlocks, nb1 = std::min(row_blocks, nb0 + kTileRowBlocks);
+        float* tp = tile.data_ptr<float>();
+        if (isa == Isa::kAvx512) {
+          if (bits == 4) avx512::dequantize_row_blocks<4>(w, s, z, nb0, nb1, kp, group_size, groups, tp);
+          else avx512::dequantize_row_blocks<8>(w, s, z, nb0, nb1, kp, group_size, groups, tp);
+        } else {
+          if (bits == 4) avx2::dequantize_row_blocks<4>(w, s, z, nb0, nb1, kp, group_size, groups, tp);
+          else avx2::dequantize_row_blocks<8>(w, s, z, nb0, nb1, kp, group_size, groups, tp);
+        }
+        const int64_t n0 = nb0 * 4, width = std::min(out_features, nb1 * 4) - n0;
+        out.narrow(1, n0, width).copy_(at::mm(xf, tile.narrow(0, 0, width).t()));
+      }
+    });
     return out;
   }
 

@@ -105,6 +105,34 @@ void gemv_rows(const float* xp, const float* xsum, int64_t m_rows, int64_t kp, c
   });
 }
 
+// fp32 weight rows of row blocks [nb0, nb1) into out [(nb1 - nb0) * 4, kp]: code * scale - zero_term, the
+// prefill path's tile (then multiplied by at::mm). One division per step for the group index.
+template <int BITS>
+void dequantize_row_blocks(const int32_t* words, const float* scales, const float* zero_terms, int64_t nb0,
+                           int64_t nb1, int64_t kp, int64_t group_size, int64_t groups, float* out) {
+  constexpr int P = 32 / BITS;
+  constexpr int MASK = (1 << BITS) - 1;
+  const int64_t blocks = kp / (P * V::L);
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int32_t* w = words + nb * blocks * 4 * V::L;
+    const float* s = scales + nb * groups * 4;
+    const float* z = zero_terms + nb * groups * 4;
+    float* rows = out + (nb - nb0) * 4 * kp;
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int r = 0; r < 4; ++r) {
+        const typename V::i word = V::loadi(w + (b * 4 + r) * V::L);
+        for (int j = 0; j < P; ++j) {  // unrolled by the compiler: P is a constant
+          const int64_t column = b * P * V::L + j * V::L;
+          const int64_t g = column / group_size;
+          const typename V::i code = V::and_(V::srlv(word, BITS * j), V::set1i(MASK));
+          V::storef(rows + r * kp + column,
+                    V::fmsub(V::cvt(code), V::bcast(s + g * 4 + r), V::bcast(z + g * 4 + r)));
+        }
+      }
+    }
+  }
+}
+
 // Dispatch on the group shape: steps per group inside a block, or whole blocks per group.
 template <int BITS>
 void gemv(const float* xp, const float* xsum, int64_t m_rows, int64_t kp, const int32_t* words,
