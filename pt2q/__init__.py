@@ -12,15 +12,18 @@ from .api import calibrate, convert, count_quantized_layers, load, prepare, quan
 from .capture import capture  # noqa: E402
 from .config import (AWQConfig, DynamicQuantConfig, GPTQConfig, RTNConfig, StaticQuantConfig,  # noqa: E402
                      WeightOnlyQuantConfig)
-from .errors import CalibrationError, CaptureError, ConfigError, NotPreparedError, Pt2qError  # noqa: E402
+from .errors import (CalibrationError, CaptureError, ConfigError, NotPreparedError, Pt2qError,  # noqa: E402
+                     WeightTransferError)
 from .quantizers import X86Quantizer, XPUQuantizer  # noqa: E402
+from .weight_transfer import transfer_quantized_weights  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AWQConfig", "GPTQConfig", "RTNConfig", "CalibrationError", "CaptureError", "ConfigError", "DynamicQuantConfig", "NotPreparedError", "Pt2qError",
     "SmoothQuantConfig", "StaticQuantConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
-    "count_quantized_layers", "load", "prepare", "quantize", "save", "smooth_quant",
+    "count_quantized_layers", "load", "prepare", "quantize", "save", "smooth_quant", "transfer_quantized_weights",
+    "WeightTransferError",
 ]
 
 

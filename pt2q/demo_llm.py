@@ -365,7 +365,7 @@ def run_llm_demo(settings: LLMDemoSettings | None = None, log: Callable[[str], N
         tokens_per_second_int4=int4_run.decode_tokens_per_second,
         prefill_seconds_fp32=fp32_run.prefill_seconds, prefill_seconds_int4=int4_run.prefill_seconds,
         prompt_tokens=len(prompt_ids), compile_seconds_fp32=compile_fp32, compile_seconds_int4=compile_int4,
-        transferred_layers=len(int4_step.transfer_report.layers),
+        transferred_layers=len(int4_step.meta[meta.WEIGHT_TRANSFER_REPORT].layers),
         text_fp32=tokenizer.decode(fp32_run.tokens, skip_special_tokens=True),
         text_int4=tokenizer.decode(int4_run.tokens, skip_special_tokens=True), prompt=PROMPT,
         weight_only_kernels=counted, machine=machine_info())

@@ -23,3 +23,7 @@ class CalibrationError(Pt2qError, ValueError):
 
 class NotPreparedError(Pt2qError, TypeError):
     """`convert` was given a model that `prepare` did not produce (it carries no observers)."""
+
+
+class WeightTransferError(Pt2qError, ValueError):
+    """The quantized weights of one graph cannot be carried into the other (the message names the layers)."""

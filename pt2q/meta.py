@@ -16,6 +16,7 @@ INT8_NUMERICS = "pt2q_int8_numerics"          # saturation guard chosen, per-op 
 SAVED_METADATA = "pt2q_saved_metadata"        # pt2q's metadata read back by load()
 WEIGHT_ONLY_PLAN = "pt2q_weight_only_plan"    # layers to quantize and, once calibrated, their quantized weights
 WEIGHT_ONLY_REPORT = "pt2q_weight_only_report"  # what weight-only quantization did, per layer
+WEIGHT_TRANSFER_REPORT = "pt2q_weight_transfer_report"  # which packed weights transfer_quantized_weights carried
 
 # -- Node.meta ---------------------------------------------------------------------------------------------
 ANNOTATION = "quantization_annotation"        # torchao's annotation key (read by prepare_pt2e)

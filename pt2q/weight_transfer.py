@@ -32,17 +32,13 @@ from torch.fx import GraphModule, Node
 
 from . import meta
 from .capture import fresh_copy
-from .errors import Pt2qError
+from .errors import WeightTransferError
 from .graph import add_constant, get_constant, module_fqn
 from .ops import DEQUANTIZE_WEIGHT
 from .weight_only import WEIGHTED_OPS
 
 __all__ = ["TransferReport", "WeightTransferError", "dequantized_weight", "quantized_layers",
            "transfer_quantized_weights"]
-
-
-class WeightTransferError(Pt2qError, ValueError):
-    """The quantized weights of one graph cannot be carried into the other (the message names the layers)."""
 
 
 @dataclass
@@ -181,7 +177,7 @@ def _write(gm: GraphModule, source: GraphModule, layer: QuantizedLayer, nodes: l
 def transfer_quantized_weights(source: GraphModule, target: GraphModule, *, prefix: str = "",
                                verify: bool = True) -> GraphModule:
     """`target` with the packed weights of `source` (see the module docstring). The returned graph's
-    `meta` carries `source`'s quantization config; `transfer_report` on it says what went where."""
+    `meta` carries `source`'s quantization config; `meta[pt2q.meta.WEIGHT_TRANSFER_REPORT]` (a TransferReport) says what went where."""
     from .passes.manager import PassManager
     from .passes.matmul_to_linear import MatmulToLinear
 
@@ -243,5 +239,5 @@ def transfer_quantized_weights(source: GraphModule, target: GraphModule, *, pref
     for key in (meta.CONFIG, meta.QUANTIZED):
         if key in source.meta:
             result.meta[key] = source.meta[key]
-    result.transfer_report = report
+    result.meta[meta.WEIGHT_TRANSFER_REPORT] = report
     return result

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pt2q
+from pt2q import meta
 from pt2q.backends import inductor
 from pt2q.backends.inductor.weight_only import KERNELS
 from pt2q.demo_llm import KVCacheLM, greedy_generate
@@ -64,7 +65,7 @@ def test_int4_decode_graph_carries_the_gptq_weights_and_runs_the_int4_kernel():
     step = KVCacheLM(model, cache_len=16)
     example = step.example_inputs()
     int4_step = transfer_quantized_weights(qmodel, pt2q.capture(step, (), example), prefix="lm.")
-    assert set(int4_step.transfer_report.layers) == LINEARS
+    assert set(int4_step.meta[meta.WEIGHT_TRANSFER_REPORT].layers) == LINEARS
 
     # Teacher forcing one token per step reproduces the calibrated graph's logits at every position.
     window = windows(1, 12, seed=7)[0]

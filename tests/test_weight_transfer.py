@@ -11,6 +11,7 @@ import transformers
 from torch import nn
 
 import pt2q
+from pt2q import meta
 from pt2q.graph import module_fqn
 from pt2q.ops import DEQUANTIZE_WEIGHT
 from pt2q.weight_transfer import (WeightTransferError, dequantized_weight, quantized_layers,
@@ -67,7 +68,7 @@ def test_transfer_into_another_capture_is_exact(quantized):
 
     source_layers, result_layers = quantized_layers(qmodel), quantized_layers(result)
     assert set(source_layers) == set(result_layers) == LINEARS
-    assert set(result.transfer_report.layers) == LINEARS
+    assert set(result.meta[meta.WEIGHT_TRANSFER_REPORT].layers) == LINEARS
     for name, layer in source_layers.items():
         mine = result_layers[name].dequantize
         assert torch.equal(dequantized_weight(qmodel, layer.dequantize), dequantized_weight(result, mine)), name
