@@ -10,8 +10,9 @@
   are cloned before each call, outside the compiled region where Inductor cannot remove the copy; the
   warm-up call double-checks that no other input is written.
 - The int8 kernels Inductor produced are counted from the generated code (`int8_kernels`).
-- Weight-only layers (`pt2q.dequantize_weight -> linear`) are first rewritten into ATen's int8/int4
-  weight-only kernels on a copy of the graph (`weight_only.LowerWeightOnly`; the caller's model is
+- Weight-only layers (`pt2q.dequantize_weight -> linear`) are first rewritten into weight-only kernels
+  (pt2q's fused GEMV kernels for one row, ATen's int8/int4 kernels otherwise; a table by ISA) on a copy
+  of the graph (`weight_only.LowerWeightOnly`; the caller's model is
   untouched); what each layer got is `weight_only_kernels` (layer -> kernel name or "fallback: reason").
 """
 from __future__ import annotations
