@@ -183,7 +183,7 @@ def _stages(block, layers: dict[str, Layer]) -> list[list[Node]]:
 
 
 def _gptq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
-    from .algorithms.gptq import gptq_quantize, hessian_update, symmetric_hessian
+    from .algorithms.gptq import HessianRecorder, gptq_quantize
 
     stages = _stages(block, layers)
     if not all(layer.config.true_sequential for layer in layers.values()):
@@ -194,23 +194,13 @@ def _gptq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightO
         first = {}
         for linear in stage:
             first.setdefault(source[linear.name], linear.name)
-        hessians: dict[tuple, list] = {key: [None, 0] for key in first}
-
-        def recorder(key):
-            def record(x):
-                state = hessians[key]
-                state[0], state[1] = hessian_update(state[0], state[1], x, lower=True)
-            return record
-
+        recorders = {key: HessianRecorder() for key in first}
         # Only what these inputs need runs, from where the previous stage's inputs were (blockwise.Block.record).
-        block.record({name: recorder(key) for key, name in first.items()})
-        for state in hessians.values():
-            if state[1]:
-                symmetric_hessian(state[0])
+        block.record({name: recorders[key] for key, name in first.items()})
         for linear in stage:
             layer = layers[linear.name]
             weight = get_constant(gm, linear.args[1])
-            hessian, count = hessians[source[linear.name]]
+            hessian, count = recorders[source[linear.name]].hessian()
             if count == 0:
                 raise CalibrationError(f"GPTQ: layer {layer.module!r} saw no input during calibration")
             qweight = gptq_quantize(weight, hessian, layer.fmt, block_size=layer.config.block_size,
@@ -226,30 +216,6 @@ def _rtn_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOn
             qweight = _rtn(layers[linear.name], get_constant(gm, linear.args[1]))
             plan_.quantized[linear.name] = qweight
             block.weights[linear.name] = qweight.dequantize()
-
-
-class _InputSampler:
-    """Mean |x| per channel over every row a linear sees, and up to `max_rows` rows spread over the samples."""
-
-    def __init__(self, samples: int, max_rows: int = 2048):
-        self.per_call = max(1, max_rows // max(samples, 1))
-        self.total, self.count, self.rows = None, 0, []
-
-    def __call__(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        total = flat.abs().sum(0)
-        self.total = total if self.total is None else self.total + total
-        self.count += flat.shape[0]
-        step = max(1, flat.shape[0] // self.per_call)
-        self.rows.append(flat[::step][:self.per_call].clone())
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.total / max(self.count, 1)
-
-    @property
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.rows)
 
 
 def _attr_references(gm: GraphModule) -> collections.Counter:
@@ -317,7 +283,7 @@ def _apply_scales(edits: list[tuple[torch.Tensor, str]], scales: torch.Tensor) -
 def _awq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
     """Scales stage by stage on the float block (each stage's input recorded with the scales so far),
     then per-layer clip search, then quantization."""
-    from .algorithms.awq import awq_quantize, search_clip, search_scale
+    from .algorithms.awq import InputStatistics, awq_quantize, search_clip, search_scale
 
     if "awq_groups" not in plan_.state:  # one analysis of the whole graph, before the first block
         plan_.state["awq_groups"] = _awq_groups(gm)
@@ -325,7 +291,7 @@ def _awq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOn
     samples = block.runner.samples
     inputs: dict[str, torch.Tensor] = {}
     for stage in _stages(block, layers):
-        sampler = _InputSampler(samples)
+        sampler = InputStatistics(samples)
         block.run({stage[0].name: sampler}, stop_after=stage[0])
         x = sampler.sample
         first = layers[stage[0].name]

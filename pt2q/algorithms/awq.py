@@ -25,6 +25,32 @@ SCALE_GRID = tuple(i / 20 for i in range(20))
 CLIP_RATIOS = tuple(1 - i / 100 for i in range(10))
 
 
+class InputStatistics:
+    """AWQ's recorder: called with each batch of a group's input, it keeps the mean |x| per channel over
+    every row (`mean`, for the scale search) and up to `max_rows` rows spread over the samples (`sample`,
+    on which the scale and clip searches measure the output error)."""
+
+    def __init__(self, samples: int, max_rows: int = 2048):
+        self.per_call = max(1, max_rows // max(samples, 1))
+        self.total, self.count, self.rows = None, 0, []
+
+    def __call__(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        total = flat.abs().sum(0)
+        self.total = total if self.total is None else self.total + total
+        self.count += flat.shape[0]
+        step = max(1, flat.shape[0] // self.per_call)
+        self.rows.append(flat[::step][:self.per_call].clone())
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
 def _output_error(x: torch.Tensor, references: list[torch.Tensor], weights: list[torch.Tensor]) -> float:
     return float(sum((x @ w.t() - ref).pow(2).sum() for w, ref in zip(weights, references)))
 

@@ -21,7 +21,7 @@ from ..errors import CalibrationError
 from .rtn import (QuantizedWeight, WeightFormat, _split, dequantize_values, group_parameters, grouped,
                   mse_group_parameters, quantize_values)
 
-__all__ = ["gptq_quantize", "hessian_update", "symmetric_hessian"]
+__all__ = ["HessianRecorder", "gptq_quantize", "hessian_update", "symmetric_hessian"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,27 @@ def hessian_update(h: torch.Tensor | None, n: int, x: torch.Tensor, *, lower: bo
             stop = min(start + _LOWER_BAND, width)
             h[start:stop, :stop].addmm_(x[:, start:stop].t(), x[:, :stop], alpha=2.0 / total)
     return h, total
+
+
+class HessianRecorder:
+    """GPTQ's recorder: called with each batch of one layer's inputs, it accumulates their Hessian (the
+    lower triangle, `hessian_update(lower=True)`). `hessian()` mirrors it once and returns it with the
+    number of rows seen. Layers reading the same tensor (q/k/v) share one recorder."""
+
+    def __init__(self):
+        self.h: torch.Tensor | None = None
+        self.rows = 0
+        self._mirrored = False
+
+    def __call__(self, x: torch.Tensor) -> None:
+        self.h, self.rows = hessian_update(self.h, self.rows, x, lower=True)
+        self._mirrored = False
+
+    def hessian(self) -> tuple[torch.Tensor | None, int]:
+        if self.rows and not self._mirrored:
+            symmetric_hessian(self.h)
+            self._mirrored = True
+        return self.h, self.rows
 
 
 def symmetric_hessian(h: torch.Tensor) -> torch.Tensor:

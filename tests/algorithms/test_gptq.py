@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from pt2q.algorithms.gptq import _gptq, gptq_quantize, hessian_update, symmetric_hessian
+from pt2q.algorithms.gptq import HessianRecorder, _gptq, gptq_quantize, hessian_update, symmetric_hessian
 from pt2q.algorithms.rtn import WeightFormat, _split, dequantize_values, group_parameters, quantize_values, rtn_quantize
 from pt2q.errors import CalibrationError
 from pt2q.ops import dequantize_weight
@@ -328,3 +328,17 @@ def test_gptq_config_clips_group_ranges_by_mse_by_default():
 
     assert GPTQConfig().mse_clip is True and GPTQConfig(mse_clip=False).mse_clip is False
     assert "mse_clip" in (GPTQConfig.__doc__ or "") and "On by default" in GPTQConfig.__doc__
+
+
+def test_hessian_recorder_equals_the_full_product_of_all_its_batches():
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 7, 300), torch.randn(5, 300)]
+    recorder = HessianRecorder()
+    assert recorder.hessian() == (None, 0)
+    for x in batches:
+        recorder(x)
+    hessian, rows = recorder.hessian()
+    x = torch.cat([b.reshape(-1, 300) for b in batches])
+    assert rows == 26
+    torch.testing.assert_close(hessian, 2 * x.t() @ x / rows, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hessian, hessian.t())  # the upper triangle was mirrored from the lower one
