@@ -100,3 +100,15 @@ def own_tensors(module: torch.nn.Module) -> int:
             if isinstance(value, torch.Tensor):
                 submodule.__dict__[name] = own(value)
     return len(copies)
+
+
+def drop_unused_attribute(gm: GraphModule, target: str) -> None:
+    """Delete the parameter/buffer `target` from its owner when no get_attr node refers to it any more."""
+    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        return
+    owner_name, _, leaf = target.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    for table in (owner._parameters, owner._buffers):
+        table.pop(leaf, None)
+    if leaf in vars(owner):
+        delattr(owner, leaf)

@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from . import meta
 from .capture import fresh_copy
 from .errors import WeightTransferError
-from .graph import add_constant, get_constant, module_fqn
+from .graph import add_constant, drop_unused_attribute, get_constant, module_fqn
 from .ops import DEQUANTIZE_WEIGHT
 from .weight_only import WEIGHTED_OPS
 
@@ -141,14 +141,7 @@ def _drop_if_unused(gm: GraphModule, weight: Node) -> None:
         return
     target = weight.target
     gm.graph.erase_node(weight)
-    if any(node.op == "get_attr" and node.target == target for node in gm.graph.nodes):
-        return
-    owner_name, _, leaf = target.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    for table in (owner._parameters, owner._buffers):
-        table.pop(leaf, None)
-    if leaf in vars(owner):
-        delattr(owner, leaf)
+    drop_unused_attribute(gm, target)
 
 
 def _write(gm: GraphModule, source: GraphModule, layer: QuantizedLayer, nodes: list[Node]) -> None:

@@ -14,7 +14,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import meta
-from ..graph import add_constant
+from ..graph import add_constant, drop_unused_attribute
 from ..ops import DEQUANTIZE_WEIGHT
 from .manager import Pass
 
@@ -41,18 +41,6 @@ class PackReport:
         return [f"  {name}: {layer['bits']}-bit {layer['dtype']} {'sym' if layer['sym'] else 'asym'} "
                 f"g{layer['group_size']}, {layer['float_bytes']} -> {layer['packed_bytes']} bytes"
                 for name, layer in self.layers.items()]
-
-
-def _drop_unused_attribute(gm: GraphModule, target: str) -> None:
-    """Delete the parameter/buffer `target` from its owner when no get_attr node refers to it any more."""
-    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-        return
-    owner_name, _, leaf = target.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    for table in (owner._parameters, owner._buffers):
-        table.pop(leaf, None)
-    if leaf in vars(owner):
-        delattr(owner, leaf)
 
 
 class PackWeights(Pass):
@@ -93,7 +81,7 @@ class PackWeights(Pass):
             if not weight.users:
                 target = weight.target
                 graph.erase_node(weight)
-                _drop_unused_attribute(graph_module, target)
+                drop_unused_attribute(graph_module, target)
             self.report.layers[node_name] = {
                 "bits": qweight.fmt.bits, "group_size": qweight.fmt.group_size, "dtype": qweight.fmt.dtype,
                 "sym": qweight.fmt.sym, "float_bytes": 4 * torch.Size(qweight.shape).numel(),

@@ -91,10 +91,9 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ... import meta
-from ...graph import add_constant, get_constant
+from ...graph import add_constant, drop_unused_attribute, get_constant
 from ...isa import detect
 from ...ops import DEQUANTIZE_WEIGHT, unpack_codes
-from ...passes.pack_weights import _drop_unused_attribute
 from . import kernels as kernel_library
 
 log = logging.getLogger(__name__)
@@ -610,4 +609,4 @@ class LowerWeightOnly:
             if not node.users:
                 target = node.target
                 gm.graph.erase_node(node)
-                _drop_unused_attribute(gm, target)
+                drop_unused_attribute(gm, target)
