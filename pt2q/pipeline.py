@@ -218,7 +218,9 @@ class CalibrateStage(Pass):
             algorithm.calibrate(graph_module, batches, self.progress)
             self.batch_count = max(self.batch_count,
                                    min(len(batches), getattr(algorithm.config, "n_samples", len(batches))))
-        return PassResult(graph_module, bool(self.algorithms))
+        # The shared pass changes observer state, not the graph; a sequential algorithm's packing
+        # rewrites the graph, and the manager then checks and recompiles it.
+        return PassResult(graph_module, bool(sequential))
 
 
 class ApplyStage(Pass):

@@ -103,12 +103,12 @@ class PassManager:
             finally:
                 inner = _running.pop()[0]
             graph_module = result.graph_module
-            if result.modified:
+            composite = bool(getattr(graph_pass, "groups_passes", False)) and inner > 0
+            if result.modified and not composite:  # a composite pass's inner managers recompiled already
                 graph_module.graph.lint()
                 graph_module.recompile()
             record = PassRecord(graph_pass.name, time.perf_counter() - start, result.modified,
-                                getattr(graph_pass, "report", None), depth, inner,
-                                bool(getattr(graph_pass, "groups_passes", False)) and inner > 0)
+                                getattr(graph_pass, "report", None), depth, inner, composite)
             log.debug("pass %s: %.3fs modified=%s", record.name, record.seconds, record.modified)
             records.append(record)
             for observer in [*self.observers, *_GLOBAL_OBSERVERS]:
