@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from . import textdata
+from . import meta, textdata
 from .api import quantize, save
 from .backends import inductor
 from .capture import capture
