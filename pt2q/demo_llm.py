@@ -40,6 +40,7 @@ from .api import quantize, save
 from .backends import inductor
 from .capture import capture
 from .config import GPTQConfig
+from .errors import Pt2qError
 from .demo import report_table
 from .isa import machine_info
 from .weight_transfer import transfer_quantized_weights
@@ -121,7 +122,9 @@ def _cache_classes():
             return self.keys.shape[2], 0
 
         def get_seq_length(self) -> int:
-            raise NotImplementedError("KVCacheLM passes position_ids: the model should not need the cache length")
+            # deliberately unsupported: a model asking for it would get a length that ignores the padding
+            raise Pt2qError("KVCacheLM passes position_ids and a ready-made mask: this model asks its cache for "
+                            "its length, which KVCacheLM does not track; decode it without KVCacheLM")
 
         def get_max_length(self) -> int:
             return self.keys.shape[2]

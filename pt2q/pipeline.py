@@ -63,7 +63,7 @@ class Algorithm(Protocol):
 
     def plan(self, graph_module: GraphModule) -> GraphModule: ...
 
-    def calibrate(self, graph_module: GraphModule, batches: list, progress: bool) -> None: ...
+    # sequential algorithms only: `calibrate(graph_module, batches, progress)`, their own run over the data
 
     def apply(self, graph_module: GraphModule) -> GraphModule: ...
 
@@ -87,9 +87,6 @@ class SmoothQuant:
 
         graph_module.meta[meta.SMOOTH_QUANT_PLAN] = insert(graph_module, self.config)
         return graph_module
-
-    def calibrate(self, graph_module: GraphModule, batches: list, progress: bool) -> None:
-        raise NotImplementedError("SmoothQuant records in the shared calibration pass")
 
     def apply(self, graph_module: GraphModule) -> GraphModule:
         plan = graph_module.meta[meta.SMOOTH_QUANT_PLAN]
@@ -125,9 +122,6 @@ class Int8Observers:
         prepared, _ = PassManager([TorchaoPrepare(quantizer)])(graph_module)
         prepared.meta[meta.INT8_NUMERICS] = int8_numerics(self.config, quantizer)
         return prepared
-
-    def calibrate(self, graph_module: GraphModule, batches: list, progress: bool) -> None:
-        raise NotImplementedError("int8 observers record in the shared calibration pass")
 
     def apply(self, graph_module: GraphModule) -> GraphModule:
         from .passes.torchao_convert import TorchaoConvert

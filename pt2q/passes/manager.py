@@ -15,6 +15,7 @@ showed every change).
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import time
@@ -57,15 +58,16 @@ class GraphPass(Protocol):
     def call(self, graph_module: GraphModule) -> PassResult: ...
 
 
-class Pass:
+class Pass(abc.ABC):
     """Base of pt2q's passes: a `name`, `call(graph_module) -> PassResult`, and `report`, which holds what
     the last call found or did (a `PassReport` where people read it; None before the first call)."""
 
     name: str = ""
     report: object = None
 
+    @abc.abstractmethod
     def call(self, graph_module: GraphModule) -> PassResult:
-        raise NotImplementedError(f"{type(self).__name__} must implement call(graph_module) -> PassResult")
+        """Rewrite (or analyse) `graph_module`; say whether it changed."""
 
 
 @dataclass
