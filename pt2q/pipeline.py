@@ -63,7 +63,8 @@ class Algorithm(Protocol):
 
     def plan(self, graph_module: GraphModule) -> GraphModule: ...
 
-    # sequential algorithms only: `calibrate(graph_module, batches, progress)`, their own run over the data
+    # sequential algorithms only: `calibrate(graph_module, batches, progress) -> batches used`, their
+    # own run over the data
 
     def apply(self, graph_module: GraphModule) -> GraphModule: ...
 
@@ -153,10 +154,10 @@ class WeightOnly:
         graph_module.meta[meta.WEIGHT_ONLY_PLAN] = weight_only.plan(graph_module, self.config)
         return graph_module
 
-    def calibrate(self, graph_module: GraphModule, batches: list, progress: bool) -> None:
+    def calibrate(self, graph_module: GraphModule, batches: list, progress: bool) -> int:
         from . import weight_only
 
-        weight_only.calibrate(graph_module, graph_module.meta[meta.WEIGHT_ONLY_PLAN], batches, progress=progress)
+        return weight_only.calibrate(graph_module, graph_module.meta[meta.WEIGHT_ONLY_PLAN], batches, progress=progress)
 
     def apply(self, graph_module: GraphModule) -> GraphModule:
         from . import weight_only
@@ -209,9 +210,7 @@ class CalibrateStage(Pass):
         if any(a.records_in_shared_pass for a in self.algorithms):
             self.batch_count = run_calibration(graph_module, batches, progress=self.progress, desc=self.desc)
         for algorithm in sequential:
-            algorithm.calibrate(graph_module, batches, self.progress)
-            self.batch_count = max(self.batch_count,
-                                   min(len(batches), getattr(algorithm.config, "n_samples", len(batches))))
+            self.batch_count = max(self.batch_count, algorithm.calibrate(graph_module, batches, self.progress))
         # The shared pass changes observer state, not the graph; a sequential algorithm's packing
         # rewrites the graph, and the manager then checks and recompiles it.
         return PassResult(graph_module, bool(sequential))
@@ -339,14 +338,11 @@ def convert(prepared: GraphModule) -> GraphModule:
         pipeline = Pipeline(None, [Int8Observers(None)])
     else:
         pipeline = _pipeline_of(prepared, "convert()")
-    kept = {key: value for key, value in prepared.meta.items() if key != meta.PIPELINE}
-    converted, _ = PassManager(pipeline.convert_stages())(prepared)
+    converted, _ = PassManager(pipeline.convert_stages())(prepared)  # ApplyStage carries pt2q's meta over
     prepared.meta.pop(meta.PIPELINE, None)
     prepared.meta.pop(meta.PREPARED, None)
     if converted is not prepared:
         prepared.meta[meta.CONVERTED] = True
-        converted.meta.update({k: v for k, v in kept.items() if k not in (meta.SMOOTH_QUANT_PLAN,
-                                                                           meta.WEIGHT_ONLY_PLAN)})
     for key in (meta.PIPELINE, meta.PREPARED, meta.CONVERTED):
         converted.meta.pop(key, None)
     if not isinstance(pipeline.config, SmoothQuantConfig):

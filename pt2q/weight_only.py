@@ -348,9 +348,9 @@ BLOCK_ALGORITHMS = {"rtn": _rtn_block, "gptq": _gptq_block, "awq": _awq_block}
 
 
 def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iterable, *,
-              progress: bool = True) -> None:
+              progress: bool = True) -> int:
     """Run the plan's sequential algorithm block by block (a no-op for RTN). Layers outside every block
-    are left to `apply` (round to nearest)."""
+    are left to `apply` (round to nearest). Returns the number of batches used (at most n_samples)."""
     from .blockwise import SequentialRunner
     import itertools
 
@@ -359,7 +359,7 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
     sequential = _sequential_layers(plan_)
     if not config.sequential and not sequential:
         plan_.calibrated = True
-        return
+        return 0
     if plan_.calibrated:
         raise CalibrationError("this model was already calibrated block by block (its weights are quantized and "
                                "AWQ's scales folded in); call pt2q.prepare() again to calibrate anew")
@@ -388,6 +388,7 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
     graph_module.recompile()  # the blocks packed so far: the prepared model stays callable
     plan_.calibrated = True
     plan_.calibration_seconds = time.perf_counter() - start
+    return len(batches)
 
 
 def apply(graph_module: GraphModule, plan_: WeightOnlyPlan) -> WeightOnlyReport:

@@ -108,3 +108,11 @@ def test_pass_records_say_depth_inner_count_and_composite():
         PassManager([_Touch("first"), _Grouping([_Touch("a"), _Grouping([_Touch("b")])]), _Grouping([])])(gm)
     assert seen == [("first", 0, 0, False), ("a", 1, 0, False), ("b", 2, 0, False), ("grouping", 1, 1, True),
                     ("grouping", 0, 3, True), ("grouping", 0, 0, False)]
+
+
+def test_calibrate_counts_the_batches_a_local_gptq_rule_used():
+    zm = build("llama")
+    config = pt2q.RTNConfig(bits=4, group_size=16).set_local(r".*mlp.*", pt2q.GPTQConfig(bits=4, group_size=16,
+                                                                                          n_samples=2))
+    prepared = pt2q.prepare(zm.model, config, (zm.args, zm.kwargs))
+    assert pt2q.calibrate(prepared, [(zm.args, zm.kwargs)] * 3, progress=False) == 2
