@@ -27,3 +27,17 @@ class NotPreparedError(Pt2qError, TypeError):
 
 class WeightTransferError(Pt2qError, ValueError):
     """The quantized weights of one graph cannot be carried into the other (the message names the layers)."""
+
+
+class DeviceError(Pt2qError, ValueError):
+    """An unknown target device name (the message lists the valid ones)."""
+
+
+class BackendUnavailable(Pt2qError, RuntimeError):
+    """A backend's hardware or library is not present here (no XPU device, no IPEX, no Habana stack);
+    the message says what is missing and which backend runs instead."""
+
+
+class MeasurementError(Pt2qError, ValueError):
+    """An FP8 measurement file cannot be used: unreadable, truncated, or taken on another model (the
+    message names the first node whose name or shape differs)."""
