@@ -10,17 +10,19 @@ from . import isa  # noqa: E402,F401 - pt2q.isa.detect(): what this CPU's int8/b
 from .smooth_quant import SmoothQuantConfig  # noqa: E402
 from .api import calibrate, convert, count_quantized_layers, load, prepare, quantize, save, smooth_quant  # noqa: E402
 from .capture import capture  # noqa: E402
-from .config import (AWQConfig, DynamicQuantConfig, GPTQConfig, RTNConfig, StaticQuantConfig,  # noqa: E402
+from .config import (AWQConfig, DynamicQuantConfig, FP8Config, GPTQConfig, RTNConfig, StaticQuantConfig,  # noqa: E402
                      WeightOnlyQuantConfig)
-from .errors import (CalibrationError, CaptureError, ConfigError, NotPreparedError, Pt2qError,  # noqa: E402
-                     WeightTransferError)
-from .quantizers import X86Quantizer, XPUQuantizer  # noqa: E402
+from .errors import (BackendUnavailable, CalibrationError, CaptureError, ConfigError, DeviceError,  # noqa: E402
+                     MeasurementError, NotPreparedError, Pt2qError, WeightTransferError)
+from .measure import Measurement, measure  # noqa: E402
+from .quantizers import FP8Quantizer, X86Quantizer, XPUQuantizer  # noqa: E402
 from .weight_transfer import transfer_quantized_weights  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AWQConfig", "GPTQConfig", "RTNConfig", "CalibrationError", "CaptureError", "ConfigError", "DynamicQuantConfig", "NotPreparedError", "Pt2qError",
+    "AWQConfig", "BackendUnavailable", "DeviceError", "FP8Config", "FP8Quantizer", "GPTQConfig", "Measurement",
+    "MeasurementError", "measure", "RTNConfig", "CalibrationError", "CaptureError", "ConfigError", "DynamicQuantConfig", "NotPreparedError", "Pt2qError",
     "SmoothQuantConfig", "StaticQuantConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
     "count_quantized_layers", "load", "prepare", "quantize", "save", "smooth_quant", "transfer_quantized_weights",
     "WeightTransferError",

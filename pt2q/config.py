@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import numbers
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -369,12 +370,133 @@ class AWQConfig(_WeightOnlyConfig):
     _ranges = {"n_samples": (1, 1 << 30, "a positive number of batches")}
 
 
+@dataclass(kw_only=True)
+class FP8Config:
+    """FP8 quantization of linear layers (and, opt-in, attention matmuls) for Gaudi: activations and
+    weights cast to float8, computed by the Habana lowering's fp8 GEMM (pt2q.backends.habana).
+
+    dtype: "e4m3" (torch.float8_e4m3fn, default) or "e5m2" (torch.float8_e5m2); the torch dtypes work too.
+    device: "gaudi2" (E4M3 saturates at 240), "gaudi3" (448) or "generic" (the format's own maximum).
+    scale_method: "maxabs_hw" (default: max |x| scale rounded up to the device's hardware-aligned scales),
+        "maxabs_pow2" (rounded up to a power of two), "maxabs" (exact) or "unit" (scale 1). See pt2q.fp8.
+    weight_granularity: "per_channel" (default, a scale per output channel) or "per_tensor".
+    activation: "static" (scales from calibration, or from a measurement file) or "dynamic" (a per-tensor
+        scale computed at every call; no calibration data).
+    weight_backoff / activation_backoff: the share of the full scale the calibrated maximum may use
+        (0.5 / 0.25: headroom for values beyond the calibrated range).
+    quantize_attention_matmul: also quantize activation x activation matmuls.
+    from_measurement: a file written by `pt2q.measure`: quantize from its statistics alone, without
+        calibration data (scales are recomputed from its max |x| with this config's method and device).
+
+    `set_local(regex | nn.Module class | ATen op, FP8Config | None)` sets individual layers (None: float).
+    """
+
+    dtype: Any = "e4m3"
+    device: str = "gaudi2"
+    scale_method: str = "maxabs_hw"
+    weight_granularity: str = "per_channel"
+    activation: str = "static"
+    weight_backoff: float = 0.5
+    activation_backoff: float = 0.25
+    quantize_attention_matmul: bool = False
+    from_measurement: Any = None
+    local_rules: list = field(default_factory=list, repr=False, init=False)
+
+    is_dynamic = False
+    family = "fp8"
+    algorithm = "fp8"
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.activation == "static" and self.from_measurement is None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        from .fp8 import fp8_dtype
+
+        return fp8_dtype(self.dtype, f"{type(self).__name__}.dtype")
+
+    def validate(self) -> None:
+        from . import fp8
+
+        name = type(self).__name__
+        self.torch_dtype  # noqa: B018 - raises ConfigError listing the formats
+        for field_name, choices in (("device", fp8.DEVICES), ("scale_method", fp8.SCALE_METHODS),
+                                    ("weight_granularity", ("per_channel", "per_tensor")),
+                                    ("activation", ("static", "dynamic"))):
+            value = getattr(self, field_name)
+            if not isinstance(value, str) or value not in choices:
+                raise ConfigError(f"{name}.{field_name}={value!r} is not valid; valid: {', '.join(map(repr, choices))}")
+        for field_name in ("weight_backoff", "activation_backoff"):
+            fp8.check_backoff(getattr(self, field_name), f"{name}.{field_name}")
+        if not isinstance(self.quantize_attention_matmul, bool):
+            raise ConfigError(f"{name}.quantize_attention_matmul must be True or False, got "
+                              f"{self.quantize_attention_matmul!r}")
+        if self.from_measurement is not None and not isinstance(self.from_measurement, (str, os.PathLike)):
+            raise ConfigError(f"{name}.from_measurement must be the path of a file pt2q.measure wrote, got "
+                              f"{type(self.from_measurement).__name__}")
+        if self.scale_method == "maxabs_hw":
+            fp8.hardware_scales(self.torch_dtype, self.device)
+
+    def scheme(self):
+        from .quantizers.fp8 import fp8_scheme
+
+        return fp8_scheme(self.torch_dtype, self.device, scale_method=self.scale_method,
+                          per_channel=self.weight_granularity == "per_channel",
+                          dynamic=self.activation == "dynamic", weight_backoff=self.weight_backoff,
+                          activation_backoff=self.activation_backoff)
+
+    def set_local(self, target: Any, config: "FP8Config | None"):
+        """Another FP8Config (same device) or None (keep float) for a module-name regex, an nn.Module
+        class or an ATen op. Returns self."""
+        if not isinstance(target, (str, type, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            raise ConfigError(f"set_local target must be a module-name regex, an nn.Module class or an ATen op; "
+                              f"got {target!r}")
+        _check_rule_target(target)
+        if config is not None:
+            if not isinstance(config, FP8Config):
+                raise ConfigError(f"set_local({target!r}): an FP8Config takes another FP8Config or None per layer; "
+                                  f"got {type(config).__name__}")
+            self._check_local(target, config)
+        self.local_rules.append((target, config))
+        return self
+
+    def _check_local(self, target, config: "FP8Config") -> None:
+        if config.device != self.device:
+            raise ConfigError(f"set_local({target!r}): device {config.device!r} differs from the global device "
+                              f"{self.device!r}: one model is lowered for one device")
+        if config.activation != self.activation:
+            raise ConfigError(f"set_local({target!r}): activation={config.activation!r} differs from the global "
+                              f"{self.activation!r}; mixing static and dynamic FP8 activations is not supported")
+
+    def to_quantizer(self):
+        from .quantizers.fp8 import FP8Quantizer
+
+        self.validate()
+        quantizer = FP8Quantizer(quantize_attention_matmul=self.quantize_attention_matmul)
+        quantizer.set_global(self.scheme())
+        for target, config in self.local_rules:
+            if config is not None:
+                config.validate()
+                self._check_local(target, config)
+            scheme = None if config is None else config.scheme()
+            if isinstance(target, str):
+                quantizer.set_module_name(target, scheme)
+            else:
+                quantizer.set_op_type(target, scheme)
+        return quantizer
+
+
 StaticQuantConfig = with_field_check(StaticQuantConfig)
 DynamicQuantConfig = with_field_check(DynamicQuantConfig)
 RTNConfig = with_field_check(RTNConfig)
 WeightOnlyQuantConfig = with_field_check(WeightOnlyQuantConfig)
 GPTQConfig = with_field_check(GPTQConfig)
 AWQConfig = with_field_check(AWQConfig)
+FP8Config = with_field_check(FP8Config)
 
 # The registry of quantization configs: kind (the compile backend's `mode`) -> class. save/load, the
 # compile backend, the CLI and prepare() look configs up here.
@@ -385,6 +507,7 @@ CONFIG_KINDS: dict[str, type] = {
     "rtn": RTNConfig,
     "gptq": GPTQConfig,
     "awq": AWQConfig,
+    "fp8": FP8Config,
 }
 
 

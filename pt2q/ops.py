@@ -26,7 +26,8 @@ import math
 
 import torch
 
-__all__ = ["dequantize_weight", "pack_codes", "unpack_codes", "padded_columns"]
+__all__ = ["choose_fp8_scale", "dequantize_fp8", "dequantize_weight", "pack_codes", "padded_columns", "quantize_fp8",
+           "unpack_codes"]
 
 
 def padded_columns(cols: int, group_size: int) -> int:
@@ -98,3 +99,53 @@ def _(packed, scale, zero_point, code_table, bits, group_size, shape, group_dim)
 
 
 DEQUANTIZE_WEIGHT = torch.ops.pt2q.dequantize_weight.default
+
+
+# -- FP8 quantize / dequantize (pt2q/fp8.py has the arithmetic and the formats) ------------------------
+#   activation:  q = pt2q.quantize_fp8(x, scale, dtype, saturation); x' = pt2q.dequantize_fp8(q, scale, float32)
+#   dynamic:     scale = pt2q.choose_fp8_scale(x, saturation), then the same pair
+#   weight:      w' = pt2q.dequantize_fp8(w_fp8 constant, scale, float32)   (quantized at convert)
+# `scale` is float32 and broadcasts against the tensor: shape [] per tensor, [channels, 1] per output channel
+# of a weight. `saturation` is the target device's full scale (pt2q.fp8.full_scale).
+@torch.library.custom_op("pt2q::quantize_fp8", mutates_args=())
+def quantize_fp8(input: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, saturation: float) -> torch.Tensor:
+    """`cast_rne(clamp(input * (1 / scale), -saturation, saturation))` as the float8 `dtype`."""
+    from . import fp8
+
+    return fp8.quantize(input, scale, dtype, saturation)
+
+
+@quantize_fp8.register_fake
+def _(input, scale, dtype, saturation):
+    return input.new_empty(input.shape, dtype=dtype)
+
+
+@torch.library.custom_op("pt2q::dequantize_fp8", mutates_args=())
+def dequantize_fp8(input: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """`input * scale` as `out_dtype`."""
+    from . import fp8
+
+    return fp8.dequantize(input, scale, out_dtype)
+
+
+@dequantize_fp8.register_fake
+def _(input, scale, out_dtype):
+    return input.new_empty(input.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("pt2q::choose_fp8_scale", mutates_args=())
+def choose_fp8_scale(input: torch.Tensor, saturation: float) -> torch.Tensor:
+    """The per-tensor scale `max|input| / saturation` of this call (dynamic activations), shape []."""
+    from . import fp8
+
+    return fp8.dynamic_scale(input, saturation)
+
+
+@choose_fp8_scale.register_fake
+def _(input, saturation):
+    return input.new_empty((), dtype=torch.float32)
+
+
+QUANTIZE_FP8 = torch.ops.pt2q.quantize_fp8.default
+DEQUANTIZE_FP8 = torch.ops.pt2q.dequantize_fp8.default
+CHOOSE_FP8_SCALE = torch.ops.pt2q.choose_fp8_scale.default

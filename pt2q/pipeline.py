@@ -19,6 +19,7 @@ which become three kinds of stage, in order:
     StaticQuantConfig / DynamicQuantConfig   [SmoothQuant when config.smooth_quant], Int8Observers
     RTNConfig / GPTQConfig / AWQConfig       WeightOnly
     SmoothQuantConfig (pt2q.smooth_quant())  SmoothQuant
+    FP8Config                                FP8Observers (from_measurement: the file, not data, sets them)
 
 Every stage is a pass run by the one `PassManager` (passes/manager.py); a stage runs the graph passes
 of its algorithm through a nested manager. So `pt2q.quantize` / `prepare` / `calibrate` / `convert`,
@@ -49,7 +50,7 @@ from .passes.manager import Pass, PassManager
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Algorithm", "Int8Observers", "Pipeline", "SmoothQuant", "WeightOnly", "build", "calibrate",
+__all__ = ["Algorithm", "FP8Observers", "Int8Observers", "Pipeline", "SmoothQuant", "WeightOnly", "build", "calibrate",
            "convert", "count_quantized_layers", "prepare", "quantize", "split_calibration_data"]
 
 
@@ -132,6 +133,51 @@ class Int8Observers:
         check_observers(graph_module)
         quantized, _ = PassManager([TorchaoConvert()])(graph_module)
         return quantized
+
+
+class FP8Observers:
+    """FP8 through torchao: the FP8 quantizer annotates, torchao inserts FP8Observers (plan), calibration
+    runs them — or, with `from_measurement`, the measurement file sets them and no data runs — and
+    convert_pt2e lets each observer write its FP8 Q/DQ ops (apply)."""
+
+    name = "fp8"
+    sequential = False
+
+    def __init__(self, config):
+        self.config = config
+        # From a measurement file, nothing is calibrated: running data would move the file's ranges.
+        self.records_in_shared_pass = config.from_measurement is None
+        self.report = None
+
+    def plan(self, graph_module: GraphModule) -> GraphModule:
+        from .passes.torchao_prepare import TorchaoPrepare
+
+        prepared, _ = PassManager([TorchaoPrepare(self.config.to_quantizer())])(graph_module)
+        prepared.meta[meta.FP8] = fp8_record(self.config)
+        if self.config.from_measurement is not None:
+            from .measure import load_into
+
+            load_into(prepared, self.config.from_measurement)
+            prepared.meta[meta.FP8_MEASUREMENT] = str(self.config.from_measurement)
+        return prepared
+
+    def apply(self, graph_module: GraphModule) -> GraphModule:
+        from .passes.torchao_convert import TorchaoConvert
+        from .quantizers.fp8 import fp8_observers
+
+        if not fp8_observers(graph_module):
+            log.warning("convert(): the FP8 config quantizes no layer of this model; it stays in float")
+        quantized, _ = PassManager([TorchaoConvert()])(graph_module)
+        return quantized
+
+
+def fp8_record(config) -> dict:
+    """What an FP8 model was quantized for (meta.FP8): the Habana lowering checks its device against it."""
+    from .fp8 import format_name, full_scale
+
+    return {"dtype": format_name(config.torch_dtype), "device": config.device, "scale_method": config.scale_method,
+            "activation": config.activation, "weight_granularity": config.weight_granularity,
+            "full_scale": full_scale(config.torch_dtype, config.device)}
 
 
 class WeightOnly:
@@ -267,6 +313,8 @@ def build(config) -> Pipeline:
         raise ConfigError(f"config must be a {', '.join(names[:-1])} or {names[-1]}, got {type(config).__name__}")
     if getattr(config, "family", None) == "weight_only":
         return Pipeline(config, [WeightOnly(config)])
+    if getattr(config, "family", None) == "fp8":
+        return Pipeline(config, [FP8Observers(config)])
     algorithms = []
     if getattr(config, "smooth_quant", None) is not None:
         algorithms.append(SmoothQuant(config.smooth_quant, ranges_from_quantizer=True))
@@ -366,6 +414,9 @@ def split_calibration_data(config, calib_data: Iterable | None, example_inputs: 
     example) and the rest stays lazy. Configs that need no calibration still run the example once, so
     weight observers record the weights' ranges."""
     pipeline = build(config)
+    if calib_data is not None and getattr(config, "from_measurement", None) is not None:
+        raise ConfigError(f"{caller}: {type(config).__name__}(from_measurement=...) quantizes from the measurement "
+                          "file alone; do not pass calib_data (give example_inputs to capture the model)")
     if calib_data is not None:
         check_batches_iterable(calib_data)
         iterator = iter(calib_data)

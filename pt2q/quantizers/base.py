@@ -120,6 +120,8 @@ class RuleQuantizer(Quantizer):
     # Whether the quantized graph runs on this machine's CPU kernels (oneDNN): the "auto" saturation
     # guard looks at this CPU only for such targets.
     targets_this_cpu: bool = True
+    # The rules of rules.py this quantizer applies (by name); None: all of them.
+    rule_names: frozenset | None = None
 
     def __init__(self, *, quantize_attention_matmul: bool = False):
         super().__init__()
@@ -213,7 +215,7 @@ class RuleQuantizer(Quantizer):
         nodes = list(model.graph.nodes)
         for node in nodes:
             rule = RULE_BY_OP.get(node.target) if node.op == "call_function" else None
-            if rule is None or rule.role in (Role.PROPAGATE, Role.RESIDUAL):
+            if rule is None or rule.role in (Role.PROPAGATE, Role.RESIDUAL) or not self.applies(rule):
                 continue
             if rule.opt_in and not self.options.get(rule.opt_in):
                 continue
@@ -222,13 +224,16 @@ class RuleQuantizer(Quantizer):
                 self._annotate_compute(model, node, rule, scheme.for_rule(rule))
         for node in nodes:
             rule = RULE_BY_OP.get(node.target) if node.op == "call_function" else None
-            if rule is not None and rule.role is Role.RESIDUAL:
+            if rule is not None and rule.role is Role.RESIDUAL and self.applies(rule):
                 self._annotate_residual(node, rule)
         for node in reversed(nodes):  # consumers first, so chains of propagating ops are found
             rule = RULE_BY_OP.get(node.target) if node.op == "call_function" else None
-            if rule is not None and rule.role is Role.PROPAGATE:
+            if rule is not None and rule.role is Role.PROPAGATE and self.applies(rule):
                 self._annotate_propagation(node, rule)
         return model
+
+    def applies(self, rule) -> bool:
+        return self.rule_names is None or rule.name in self.rule_names
 
     def validate(self, model: GraphModule) -> None:
         for node in model.graph.nodes:
