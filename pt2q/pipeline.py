@@ -526,13 +526,13 @@ def check_observers(prepared: GraphModule) -> None:
 
 
 def count_quantized_layers(qmodel: GraphModule) -> int:
-    """Number of weighted layers (linear/conv) whose weight is dequantized from integers in the graph
-    (int8 Q/DQ, or pt2q's packed weight-only form)."""
-    from .ops import DEQUANTIZE_WEIGHT
+    """Number of weighted layers (linear/conv) whose weight is dequantized in the graph (int8 Q/DQ, FP8,
+    or pt2q's packed weight-only form)."""
+    from .ops import DEQUANTIZE_FP8, DEQUANTIZE_WEIGHT
     from .quantizers import weighted_ops
 
     dequant_ops = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
-                   torch.ops.quantized_decomposed.dequantize_per_tensor.default, DEQUANTIZE_WEIGHT}
+                   torch.ops.quantized_decomposed.dequantize_per_tensor.default, DEQUANTIZE_WEIGHT, DEQUANTIZE_FP8}
     return sum(1 for node in qmodel.graph.nodes
                if node.target in weighted_ops() and len(node.args) > 1
                and getattr(node.args[1], "target", None) in dequant_ops)
