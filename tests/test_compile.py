@@ -192,7 +192,7 @@ def test_calibration_belongs_to_one_model():
     matches its own pt2q.quantize; a third, compiled after the first is collected, starts uncalibrated."""
     import gc
 
-    from pt2q import compile as pt2q_compile
+    from pt2q import dynamo_backend as pt2q_compile
 
     gc.collect()  # earlier tests' models (and so their calibrations) are gone
     before = len(pt2q_compile._CALIBRATIONS)

@@ -260,15 +260,18 @@ def test_name_rule_matches_whole_names_only():
 
 # -- the registry of configs ---------------------------------------------------------------------------
 def test_registry_names_every_config_kind_once():
-    from pt2q import compile as backend
+    from pt2q import dynamo_backend as backend
     from pt2q.config import CONFIG_KINDS, config_class, config_kind
 
     # the compile backend's modes are the registry's kinds, but the whole-model (sequential) algorithms
-    assert set(backend._MODES) == {kind for kind, cls in CONFIG_KINDS.items() if not getattr(cls, "sequential", False)}
+    # and FP8 (its own target, whose modes are FP8Config's activation modes)
+    assert set(backend._MODES) == {kind for kind, cls in CONFIG_KINDS.items()
+                                   if not getattr(cls, "sequential", False) and kind != "fp8"}
+    assert set(backend._FP8_MODES) == {"static", "dynamic"}
     for kind, cls in CONFIG_KINDS.items():
         assert config_class(kind) is cls and config_class(cls.__name__) is cls
         assert config_kind(cls()) == kind
     assert config_kind(pt2q.SmoothQuantConfig()) is None
-    with pytest.raises(ConfigError, match=r"unknown quantization config 'FP8Config'; known: static "
+    with pytest.raises(ConfigError, match=r"unknown quantization config 'MXFP4Config'; known: static "
                                           r"\(StaticQuantConfig\), dynamic \(DynamicQuantConfig\)"):
-        config_class("FP8Config")
+        config_class("MXFP4Config")

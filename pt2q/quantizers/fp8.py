@@ -52,6 +52,16 @@ class FP8Observer(ObserverBase):
         self.amax = amax if not self.observed else torch.maximum(self.amax, amax)
         return x
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # `amax` is empty until observed: take the stored one whatever its shape (a recompile of a
+        # torch.compile subgraph carries its calibration over this way).
+        stored = state_dict.get(prefix + "amax")
+        if stored is not None:
+            self.amax = stored.detach().clone()
+        elif strict:
+            missing_keys.append(prefix + "amax")
+
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """max |x| over everything but the channel axis (all of x per tensor), float32."""
         x = x.abs().to(torch.float32)

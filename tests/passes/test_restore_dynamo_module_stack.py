@@ -3,7 +3,7 @@ match under torch.compile."""
 import torch
 
 from pt2q.capture import capture
-from pt2q.compile import _FrozenSubgraph
+from pt2q.dynamo_backend import _FrozenSubgraph
 from pt2q.graph import module_stack
 from pt2q.passes.manager import PassManager
 from pt2q.passes.normalize_module_names import NormalizeModuleNames

@@ -13,6 +13,11 @@ Options:
   skip          module-name regexes kept in fp32 (a shorthand for config.set_local(regex, None)).
   smooth_quant  a SmoothQuantConfig, or an alpha (float or "auto"), for static mode.
   strict        raise instead of falling back to plain Inductor when quantizing a subgraph fails.
+  target        where the subgraphs run (the lowerings of pt2q.compile / pt2q.targets):
+                "cpu" (default: X86 quantizer, Inductor), "xpu" (XPU quantizer, Inductor on the XPU; needs
+                an XPU device), "fp8" or "hpu" (FP8Config, static or dynamic by `mode`, lowered by
+                pt2q.backends.habana to HPU fp8 ops — emulated on a CPU), "auto" (pt2q.target_device()).
+                An FP8Config as `config` implies "fp8".
 
 Each subgraph is handled on its own (graph breaks are fine); one without quantizable layers goes
 straight to Inductor. Weights are frozen at compile time (inference). A recompile of the same subgraph
@@ -42,7 +47,9 @@ log = logging.getLogger(__name__)
 # The kinds of pt2q.config.CONFIG_KINDS that quantize a subgraph on its own; GPTQ and AWQ calibrate a
 # whole model block by block, which a Dynamo subgraph (graph breaks, recompiles) is not.
 _MODES = ("dynamic", "weight_only", "static", "rtn")
-_OPTIONS = ("mode", "calib_steps", "config", "skip", "smooth_quant", "strict")
+_OPTIONS = ("mode", "calib_steps", "config", "skip", "smooth_quant", "strict", "target")
+_TARGETS = ("cpu", "xpu", "fp8", "hpu", "auto")
+_FP8_MODES = ("static", "dynamic")  # FP8Config(activation=...)
 
 
 @dataclass
@@ -53,6 +60,7 @@ class BackendOptions:
     skip: tuple = ()
     smooth_quant: Any = None
     strict: bool = False
+    target: str = "cpu"
 
     @classmethod
     def parse(cls, options: dict | None) -> "BackendOptions":
@@ -63,10 +71,15 @@ class BackendOptions:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"pt2q backend: unknown option {name!r}{hint}; valid options: {', '.join(_OPTIONS)}")
         parsed = cls(**options)
+        parsed.target = _resolve_target(parsed.target, parsed.config, "target" in options)
         if parsed.config is not None and "mode" not in options:
             from .config import config_kind
 
-            parsed.mode = config_kind(parsed.config) or parsed.mode
+            parsed.mode = getattr(parsed.config, "activation", None) if parsed.target == "fp8" else \
+                config_kind(parsed.config) or parsed.mode
+        if parsed.target == "fp8" and parsed.mode not in _FP8_MODES:
+            raise ConfigError(f"pt2q backend: target 'fp8' quantizes with FP8Config in mode 'static' or 'dynamic', "
+                              f"got mode={parsed.mode!r}")
         if parsed.mode in ("gptq", "awq"):
             raise ConfigError(f"pt2q backend: {parsed.mode.upper()} calibrates a whole model block by block and "
                               "cannot run per Dynamo subgraph: quantize with pt2q.quantize(model, config, calib_data) "
@@ -84,8 +97,14 @@ class BackendOptions:
         from .config import CONFIG_KINDS as kinds
         from .config import SmoothQuantConfig
 
+        if self.target == "fp8":
+            return self._fp8_config()
         # A copy: the skip / smooth_quant options must not change the user's config object.
         config = copy.deepcopy(self.config) if self.config is not None else kinds[self.mode]()
+        if self.target == "xpu":
+            from .targets import TARGETS, config_for
+
+            config = config_for(TARGETS["xpu"], config)
         if not isinstance(config, kinds[self.mode]):
             raise ConfigError(f"pt2q backend: mode {self.mode!r} needs a {kinds[self.mode].__name__}, "
                               f"got {type(config).__name__}")
@@ -98,11 +117,65 @@ class BackendOptions:
                 else SmoothQuantConfig(alpha=self.smooth_quant)
         return config
 
+    def _fp8_config(self):
+        from .config import FP8Config
+
+        config = copy.deepcopy(self.config) if self.config is not None else FP8Config(activation=self.mode)
+        if not isinstance(config, FP8Config):
+            raise ConfigError(f"pt2q backend: target 'fp8' takes an FP8Config as config, got {type(config).__name__}")
+        if config.activation != self.mode:
+            raise ConfigError(f"pt2q backend: mode={self.mode!r} but the FP8Config has activation={config.activation!r}")
+        if self.smooth_quant is not None:
+            raise ConfigError("pt2q backend: smooth_quant applies to int8 (target 'cpu' or 'xpu'), not to FP8")
+        for regex in self.skip:
+            config.set_local(regex, None)
+        return config
+
+    def lower(self, qmodel: GraphModule, example: tuple):
+        """The target's lowering of one quantized subgraph: a callable taking the runtime inputs."""
+        if self.target == "fp8":
+            from .backends import habana
+
+            return habana.lower(qmodel)
+        if self.target == "xpu":
+            from .backends import xpu
+
+            return xpu.compile(qmodel, example)
+        from .backends import inductor
+
+        return inductor.compile_graph(qmodel, example)
+
     def fingerprint(self) -> str:
         """Everything that shapes the quantized build, as text: builds that differ here never share
         calibration."""
         rules = getattr(self.config, "local_rules", None)
-        return repr((self.mode, self.calib_steps, self.config, rules, tuple(self.skip), self.smooth_quant))
+        return repr((self.mode, self.calib_steps, self.config, rules, tuple(self.skip), self.smooth_quant,
+                     self.target))
+
+
+def _resolve_target(target, config, given: bool) -> str:
+    """The option `target` as one of cpu / xpu / fp8 ("hpu" is "fp8"; "auto" asks pt2q.target_device()).
+    An FP8Config implies fp8. Hardware a target needs is checked now: a missing XPU is the user's to fix,
+    not a reason to fall back quietly."""
+    from .config import FP8Config
+    from .errors import BackendUnavailable
+
+    if target not in _TARGETS:
+        raise ConfigError(f"pt2q backend: target={target!r}; valid targets: {', '.join(map(repr, _TARGETS))}")
+    if target == "auto":
+        from .targets import resolve
+
+        target = {"hpu": "fp8", "xpu": "xpu"}.get(resolve("auto").device, "cpu")
+    target = "fp8" if target == "hpu" else target
+    if isinstance(config, FP8Config):
+        if given and target != "fp8":
+            raise ConfigError(f"pt2q backend: an FP8Config runs on target 'fp8', not {target!r}")
+        target = "fp8"
+    if target == "xpu" and not torch.xpu.is_available():
+        raise BackendUnavailable("pt2q backend: target 'xpu' needs an Intel GPU and torch.xpu.is_available() is False "
+                                 "here; use target='cpu' (the XPU quantizer's graphs also run on the CPU path: "
+                                 "pt2q.compile(qmodel, example_inputs, backend='cpu'))")
+    return target
 
 
 # -- freezing the Dynamo subgraph's parameters ----------------------------------------------------
@@ -185,10 +258,10 @@ class _StaticRunner:
     calls are the calibration pass (the observers record as the prepared graph runs)."""
 
     def __init__(self, frozen: _FrozenSubgraph, captured: GraphModule, config, calib_steps: int,
-                 calibration: _Calibration):
+                 calibration: _Calibration, lower):
         from . import pipeline
 
-        self.frozen, self.calib_steps = frozen, calib_steps
+        self.frozen, self.calib_steps, self.lower = frozen, calib_steps, lower
         self.prepared = pipeline.prepare(captured, config, caller="pt2q backend")
         self.calibration = calibration
         observers = self._observers()
@@ -214,13 +287,12 @@ class _StaticRunner:
 
     def _finish(self, example) -> None:
         from . import pipeline
-        from .backends import inductor
 
         qmodel = pipeline.convert(self.prepared)
-        self.compiled = inductor.compile_graph(qmodel, tuple(example))
+        self.compiled = self.lower(qmodel, tuple(example))
         self.prepared = None
         log.info("pt2q backend: static subgraph converted after %d calibration calls; int8 kernels %s",
-                 self.calibration.steps, self.compiled.int8_kernels)
+                 self.calibration.steps, getattr(self.compiled, "int8_kernels", "n/a (FP8)"))
 
     def __call__(self, *all_inputs):
         runtime = self.frozen.runtime_inputs(all_inputs)
@@ -244,7 +316,6 @@ class _CompiledRunner:
 
 def _compile_subgraph(graph_module: GraphModule, example_inputs: list, options: BackendOptions):
     from . import pipeline
-    from .backends import inductor
     from .capture import capture
     from .passes.manager import PassManager
     from .passes.normalize_module_names import NormalizeModuleNames
@@ -262,11 +333,11 @@ def _compile_subgraph(graph_module: GraphModule, example_inputs: list, options: 
     if options.mode == "static":
         parameters = [example_inputs[position] for position in frozen.frozen_positions]
         calibration = _calibration_for(_structure_key(graph_module), options, parameters)
-        return _StaticRunner(frozen, captured, config, options.calib_steps, calibration)
+        return _StaticRunner(frozen, captured, config, options.calib_steps, calibration, options.lower)
     qmodel = pipeline.quantize(captured, config, example_inputs=runtime, progress=False, caller="pt2q backend")
     if pipeline.count_quantized_layers(qmodel) == 0:
         return None
-    return _CompiledRunner(frozen, inductor.compile_graph(qmodel, runtime))
+    return _CompiledRunner(frozen, options.lower(qmodel, tuple(runtime)))
 
 
 _MISSING = object()
