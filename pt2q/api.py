@@ -170,6 +170,7 @@ def load(path: str | os.PathLike) -> GraphModule:
     import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers the quantized_decomposed ops
 
     from . import ops  # noqa: F401 - registers pt2q::dequantize_weight
+    from .backends.habana import ops as _habana_ops  # noqa: F401 - registers pt2q_gaudi2:: / pt2q_gaudi3::
 
     from .archive import vet
 

@@ -30,8 +30,9 @@ MAX_COMPRESSION_RATIO = 200
 MAX_UNCOMPRESSED_BYTES = 64 * 2 ** 30
 
 # Operator namespaces a pt2q graph may call (`torch.ops.<namespace>.<op>.<overload>`).
+# pt2q_gaudi2 / pt2q_gaudi3: the Habana lowering's CPU reference ops; hpu: the same ops, Habana's own.
 ALLOWED_OP_NAMESPACES = frozenset({"aten", "prims", "quantized_decomposed", "higher_order", "onednn",
-                                   "quantized", "torchao", "pt2q"})
+                                   "quantized", "torchao", "pt2q", "pt2q_gaudi2", "pt2q_gaudi3", "hpu"})
 _OP_TARGET = re.compile(r"torch\.ops\.(\w+)\.\w+(\.\w+)?")
 # Python-level targets torch.export emits for symbolic size arithmetic.
 ALLOWED_PLAIN_TARGETS = frozenset(
