@@ -1,5 +1,6 @@
 """The `pt2q` command line: `pt2q demo` runs the main job on the embedded MiniLM; `pt2q dump` dumps every
-pass of the quantization pipeline (text, diffs, numeric report, HTML) for a model."""
+pass of the quantization pipeline (text, diffs, numeric report, HTML) for a model; `pt2q doctor` prints
+what this machine offers (devices, IPEX / Habana / oneDNN, CPU ISA) and which pt2q paths are live."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,16 @@ def _dump(args: argparse.Namespace) -> int:
     return run_dump(args)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from .device import doctor
+
+    report = doctor()
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report)
+    return 0 if report.target_device is not None else 1  # an unknown PT2Q_TARGET_DEVICE fails the command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pt2q", description="Graph-mode quantization for PyTorch 2.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log pt2q's progress and kernel reports")
@@ -66,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dump_arguments(dump)
     dump.set_defaults(run=_dump)
+    doctor = commands.add_parser("doctor", help="what this machine offers: devices, IPEX / Habana / oneDNN, "
+                                                "CPU ISA, and which pt2q paths run for real here")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    doctor.set_defaults(run=_doctor)
     return parser
 
 

@@ -103,9 +103,9 @@ class CompiledQuantModel:
             return self._compiled(*args, **kwargs)
 
 
-def _with_autocast(module: torch.nn.Module, dtype: torch.dtype):
+def _with_autocast(module: torch.nn.Module, dtype: torch.dtype, device_type: str = "cpu"):
     def run(*args, **kwargs):
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(device_type, dtype=dtype):
             return module(*args, **kwargs)
     return run
 
@@ -174,6 +174,21 @@ def _finish(compiled, qmodel, sources, guard_inputs, config_patch, options, warm
     return CompiledQuantModel(compiled, config_patch, guarded, kernels, options, weight_only)
 
 
+def _compile_and_warm_up(target, args: tuple, kwargs: dict, options: dict, *, dynamic: bool | None):
+    """torch.compile `target` and make the first call under `options` (freezing) on copies of the inputs,
+    whatever device they are on. Returns (compiled, generated sources, the inputs it was called with, a
+    copy of them taken before the call)."""
+    compiled = torch.compile(target, dynamic=dynamic)
+    warm = _clone_tensors((args, kwargs))
+    before = _clone_tensors(warm)
+    with torch.no_grad(), inductor_config.patch(options), warnings.catch_warnings(), \
+            _collect_generated_code() as sources:
+        # Inductor's int8 lowering copy-constructs zero points with torch.tensor(): harmless, noisy.
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+        compiled(*warm[0], **warm[1])
+    return compiled, sources, warm, before
+
+
 def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None = None,
             dynamic: bool | None = None, max_autotune: bool = False,
             guard_inputs: bool = True, dynamic_activations: bool = False,
@@ -205,14 +220,7 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
     lowered, weight_only = _lower_weight_only(qmodel, dynamic_activations=dynamic_activations,
                                               activation_dtype=weight_only_activation_dtype)
     target = _with_autocast(lowered, torch.bfloat16) if mixed_bf16 else lowered
-    compiled = torch.compile(target, dynamic=dynamic)
-    warm = _clone_tensors((args, kwargs))
-    before = _clone_tensors(warm)
-    with torch.no_grad(), inductor_config.patch(options), warnings.catch_warnings(), \
-            _collect_generated_code() as sources:
-        # Inductor's int8 lowering copy-constructs zero points with torch.tensor(): harmless, noisy.
-        warnings.filterwarnings("ignore", message="To copy construct from a tensor")
-        compiled(*warm[0], **warm[1])
+    compiled, sources, warm, before = _compile_and_warm_up(target, args, kwargs, options, dynamic=dynamic)
     return _finish(compiled, lowered, sources, guard_inputs, options,
                    {**options, "mixed_bf16": mixed_bf16, "dynamic": dynamic,
                     "dynamic_activations": dynamic_activations,
