@@ -8,15 +8,18 @@ from . import isa  # noqa: E402,F401 - pt2q.isa.detect(): what this CPU's int8/b
 # Before the api import: importing the submodule pt2q.smooth_quant binds that name to the module, and the
 # api import below rebinds it to the function pt2q.smooth_quant().
 from .smooth_quant import SmoothQuantConfig  # noqa: E402
-from .api import calibrate, convert, count_quantized_layers, load, prepare, quantize, save, smooth_quant  # noqa: E402
+from .api import (calibrate, convert, count_quantized_layers, load, measure, prepare, quantize, save,  # noqa: E402
+                  smooth_quant)
+from .measurement import Measurement  # noqa: E402
 from .capture import capture  # noqa: E402
 from .config import (AWQConfig, DynamicQuantConfig, FP8Config, GPTQConfig, RTNConfig, StaticQuantConfig,  # noqa: E402
                      WeightOnlyQuantConfig)
 from .errors import (BackendUnavailable, CalibrationError, CaptureError, ConfigError, DeviceError,  # noqa: E402
                      MeasurementError, NotPreparedError, Pt2qError, WeightTransferError)
-from .measure import Measurement, measure  # noqa: E402
 from .quantizers import FP8Quantizer, X86Quantizer, XPUQuantizer  # noqa: E402
 from .weight_transfer import transfer_quantized_weights  # noqa: E402
+from .device import target_device  # noqa: E402
+from .targets import compile  # noqa: E402,A001 - pt2q.compile(qmodel, example_inputs, backend="auto")
 
 __version__ = "0.1.0"
 
@@ -25,7 +28,7 @@ __all__ = [
     "MeasurementError", "measure", "RTNConfig", "CalibrationError", "CaptureError", "ConfigError", "DynamicQuantConfig", "NotPreparedError", "Pt2qError",
     "SmoothQuantConfig", "StaticQuantConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
     "count_quantized_layers", "load", "prepare", "quantize", "save", "smooth_quant", "transfer_quantized_weights",
-    "WeightTransferError",
+    "WeightTransferError", "compile", "target_device",
 ]
 
 

@@ -23,6 +23,7 @@ from .calibration import observers
 from .capture import EXAMPLE_INPUTS_KEY
 from .config import AWQConfig, DynamicQuantConfig, FP8Config, GPTQConfig, RTNConfig, SmoothQuantConfig, StaticQuantConfig, config_class
 from .errors import ConfigError, NotPreparedError, Pt2qError
+from .measurement import Measurement
 from .passes.smooth_quant_apply import SmoothQuantReport
 from .pipeline import check_not_converted as _check_not_converted
 
@@ -69,20 +70,45 @@ def convert(prepared: GraphModule) -> GraphModule:
     return pipeline.convert(prepared)
 
 
-def quantize(model: torch.nn.Module, config: Config, calib_data: Iterable | None = None, *,
-             example_inputs: Any = None, dynamic_shapes: Any = None, progress: bool = True) -> GraphModule:
+def quantize(model: torch.nn.Module, config: Config | None, calib_data: Iterable | None = None, *,
+             example_inputs: Any = None, dynamic_shapes: Any = None, progress: bool = True,
+             backend: str | None = None) -> GraphModule:
     """prepare + calibrate + convert in one call.
 
     `calib_data`: an iterable of batches, each a tuple of positional inputs or a dict of keyword inputs.
     Required for static quantization; optional for dynamic. `example_inputs` defaults to the first batch.
+    `backend`: "auto" (the device pt2q.target_device() picks) or a device name ("cpu", "xpu", "hpu",
+    "cuda"): the config is adjusted to what runs there (int8 for the X86 or XPU quantizer; an HPU takes
+    FP8Config), and config=None takes that device's default (pt2q.targets). None: the config decides.
     With `PT2Q_DUMP_DIR` set, every pass is also dumped (text, diffs, numeric report, HTML): pt2q.debug.
     """
+    if backend is not None:
+        from . import targets
+
+        config = targets.config_for(targets.resolve(backend), config)
+    elif config is None:
+        raise ConfigError("quantize() needs a config, or backend='auto' to pick the target device's default")
     if os.environ.get("PT2Q_DUMP_DIR"):
         from .debug.pipeline import dump_quantize
         return dump_quantize(model, config, calib_data, example_inputs=example_inputs,
                              dynamic_shapes=dynamic_shapes, progress=progress)
     return pipeline.quantize(model, config, calib_data, example_inputs=example_inputs,
                              dynamic_shapes=dynamic_shapes, progress=progress)
+
+
+def measure(model: torch.nn.Module, config: FP8Config, calib_data: Iterable, path: str | os.PathLike, *,
+            example_inputs: Any = None, dynamic_shapes: Any = None, progress: bool = True) -> Measurement:
+    """Calibrate `model` with `config` (an FP8Config with static activations) and write each FP8 layer's
+    statistics and scales to the JSON file `path` (pt2q.measurement); then
+    `quantize(model, FP8Config(..., from_measurement=path), example_inputs=...)` needs no data. The model is
+    not changed, and a failed measure writes nothing."""
+    from . import measurement
+
+    path = measurement.check_measurable(config, path)
+    calib_data, example_inputs = pipeline.split_calibration_data(config, calib_data, example_inputs, "measure()")
+    prepared = pipeline.prepare(model, config, example_inputs, dynamic_shapes=dynamic_shapes, caller="measure()")
+    batches = pipeline.calibrate(prepared, calib_data, progress=progress, desc="pt2q measure")
+    return measurement.write(prepared, config, batches, path)
 
 
 def smooth_quant(model_or_graph: torch.nn.Module, calib_data: Iterable, example_inputs: Any = None, *,

@@ -155,7 +155,7 @@ class FP8Observers:
         prepared, _ = PassManager([TorchaoPrepare(self.config.to_quantizer())])(graph_module)
         prepared.meta[meta.FP8] = fp8_record(self.config)
         if self.config.from_measurement is not None:
-            from .measure import load_into
+            from .measurement import load_into
 
             load_into(prepared, self.config.from_measurement)
             prepared.meta[meta.FP8_MEASUREMENT] = str(self.config.from_measurement)

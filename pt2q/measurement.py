@@ -1,4 +1,4 @@
-"""FP8 measure -> quantize: calibrate once, keep the statistics in a file, quantize from the file alone.
+"""The FP8 measurement file (pt2q.measure -> FP8Config(from_measurement=...)): calibrate once, keep the statistics in a file, quantize from the file alone.
 
     pt2q.measure(model, FP8Config(...), calib_data, "model.fp8.json")     # calibration, writes the file
     pt2q.quantize(model, FP8Config(..., from_measurement="model.fp8.json"), example_inputs=...)
@@ -22,7 +22,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
 
 import torch
 from torch.fx import GraphModule, Node
@@ -46,12 +45,10 @@ class Measurement:
         return f"FP8 measurement of {self.layers} layers over {self.batches} batches -> {self.path}"
 
 
-def measure(model: torch.nn.Module, config, calib_data: Iterable, path: str | os.PathLike, *,
-            example_inputs: Any = None, dynamic_shapes: Any = None, progress: bool = True) -> Measurement:
-    """Calibrate `model` with `config` (an FP8Config with static activations) and write the per-layer
-    statistics and scales to `path`. The model is not changed."""
+def check_measurable(config, path) -> Path:
+    """The checks `pt2q.measure` makes before calibrating: an FP8Config with static activations and no
+    measurement of its own, and a folder to write into."""
     from .config import FP8Config
-    from .pipeline import calibrate, prepare, split_calibration_data
 
     if not isinstance(config, FP8Config):
         raise ConfigError(f"measure() takes a pt2q.FP8Config, got {type(config).__name__}")
@@ -63,9 +60,11 @@ def measure(model: torch.nn.Module, config, calib_data: Iterable, path: str | os
     path = Path(path)
     if not path.parent.is_dir():
         raise MeasurementError(f"measure(): the folder of {str(path)!r} does not exist; create it first")
-    calib_data, example_inputs = split_calibration_data(config, calib_data, example_inputs, "measure()")
-    prepared = prepare(model, config, example_inputs, dynamic_shapes=dynamic_shapes, caller="measure()")
-    batches = calibrate(prepared, calib_data, progress=progress, desc="pt2q measure")
+    return path
+
+
+def write(prepared: GraphModule, config, batches: int, path: Path) -> Measurement:
+    """Write the measurement of a calibrated FP8 prepared graph to `path` (atomically)."""
     layers = [_layer_record(prepared, node, observed, with_values=True)
               for node, observed in _fp8_layers(prepared)]
     document = {"format": FORMAT, "version": VERSION, "model": prepared.meta.get(meta.SOURCE_CLASS),
