@@ -20,7 +20,7 @@ import torch
 from .errors import ConfigError
 from .isa import SATURATION_GUARDS
 from .quantizers import QUANTIZERS
-from .quantizers.base import ACTIVATION_OBSERVERS, QuantScheme, RuleQuantizer
+from .quantizers.base import ACTIVATION_OBSERVERS, RuleQuantizer
 
 BACKENDS = tuple(QUANTIZERS)
 
@@ -41,6 +41,27 @@ def _reject_unknown_fields(cls, kwargs: dict) -> None:
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{cls.__name__} has no field {name!r}{hint}; valid fields: {', '.join(valid)}")
+
+
+_RULE_TARGET_TYPES = (str, type, torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+
+
+def _check_local_target(target) -> None:
+    """A set_local target of the int8 and FP8 configs: a module-name regex, an nn.Module class or an ATen op."""
+    if not isinstance(target, _RULE_TARGET_TYPES):
+        raise ConfigError(f"set_local target must be a module-name regex, an nn.Module class or an ATen op; "
+                          f"got {target!r}")
+    _check_rule_target(target)
+
+
+def _set_quantizer_rules(quantizer, local_rules, scheme_of) -> None:
+    """Give `quantizer` the set_local rules: a regex by module name, a class or op by type."""
+    for target, config in local_rules:
+        scheme = None if config is None else scheme_of(config)
+        if isinstance(target, str):
+            quantizer.set_module_name(target, scheme)
+        else:
+            quantizer.set_op_type(target, scheme)
 
 
 def _check_rule_target(target) -> None:
@@ -82,10 +103,7 @@ class _Config:
 
     def set_local(self, target: Any, config: "StaticQuantConfig | DynamicQuantConfig | None"):
         """Override the config for a module-name regex, an nn.Module class or an ATen op. Returns self."""
-        if not isinstance(target, (str, type, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            raise ConfigError(f"set_local target must be a module-name regex, an nn.Module class or an ATen op; "
-                              f"got {target!r}")
-        _check_rule_target(target)
+        _check_local_target(target)
         if config is not None:
             if not isinstance(config, _Config):
                 raise ConfigError(f"set_local config must be a StaticQuantConfig, DynamicQuantConfig or None; "
@@ -107,12 +125,7 @@ class _Config:
         quantizer_cls = QUANTIZERS[self.backend]
         quantizer = quantizer_cls(quantize_attention_matmul=self.quantize_attention_matmul)
         quantizer.set_global(self.scheme(quantizer_cls))
-        for target, config in self.local_rules:
-            scheme = None if config is None else config.scheme(quantizer_cls)
-            if isinstance(target, str):
-                quantizer.set_module_name(target, scheme)
-            else:
-                quantizer.set_op_type(target, scheme)
+        _set_quantizer_rules(quantizer, self.local_rules, lambda config: config.scheme(quantizer_cls))
         return quantizer
 
 
@@ -452,10 +465,7 @@ class FP8Config:
     def set_local(self, target: Any, config: "FP8Config | None"):
         """Another FP8Config (same device) or None (keep float) for a module-name regex, an nn.Module
         class or an ATen op. Returns self."""
-        if not isinstance(target, (str, type, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            raise ConfigError(f"set_local target must be a module-name regex, an nn.Module class or an ATen op; "
-                              f"got {target!r}")
-        _check_rule_target(target)
+        _check_local_target(target)
         if config is not None:
             if not isinstance(config, FP8Config):
                 raise ConfigError(f"set_local({target!r}): an FP8Config takes another FP8Config or None per layer; "
@@ -482,11 +492,7 @@ class FP8Config:
             if config is not None:
                 config.validate()
                 self._check_local(target, config)
-            scheme = None if config is None else config.scheme()
-            if isinstance(target, str):
-                quantizer.set_module_name(target, scheme)
-            else:
-                quantizer.set_op_type(target, scheme)
+        _set_quantizer_rules(quantizer, self.local_rules, lambda config: config.scheme())
         return quantizer
 
 
@@ -565,7 +571,7 @@ class SmoothQuantConfig:
             if not self.alpha:
                 raise ConfigError("SmoothQuant alpha dict is empty")
             for key, value in self.alpha.items():
-                if not isinstance(key, (str, type, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+                if not isinstance(key, _RULE_TARGET_TYPES):
                     raise ConfigError(f"SmoothQuant alpha key {key!r} must be a module-name regex, an nn.Module "
                                       "class or an ATen op")
                 if isinstance(key, str):

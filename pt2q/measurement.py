@@ -17,9 +17,7 @@ to a temporary name and renamed, so a failed measure leaves no partial file.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from torch.fx import GraphModule, Node
 
 from . import meta
 from .errors import ConfigError, MeasurementError
+from .jsonfile import read_json, write_json_atomic
 
 FORMAT = "pt2q-fp8-measurement"
 VERSION = 1
@@ -69,7 +68,7 @@ def write(prepared: GraphModule, config, batches: int, path: Path) -> Measuremen
               for node, observed in _fp8_layers(prepared)]
     document = {"format": FORMAT, "version": VERSION, "model": prepared.meta.get(meta.SOURCE_CLASS),
                 "config": _config_record(config), "calibration_batches": batches, "layers": layers}
-    _write_atomically(path, json.dumps(document, indent=1))
+    write_json_atomic(path, document, indent=1)
     return Measurement(path, len(layers), batches)
 
 
@@ -103,15 +102,7 @@ def load_into(prepared: GraphModule, path: str | os.PathLike) -> None:
 
 def read(path: str | os.PathLike) -> dict:
     """The measurement document at `path`, checked for format, version and the fields quantizing reads."""
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise MeasurementError(f"cannot read the FP8 measurement file {str(path)!r}: {error}") from error
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MeasurementError(f"{path} is not a complete FP8 measurement (invalid JSON at line {error.lineno}, "
-                               f"column {error.colno}: {error.msg}; truncated?): run pt2q.measure again") from error
+    document = read_json(path, MeasurementError, "FP8 measurement file", "run pt2q.measure again")
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise MeasurementError(f"{path} is not a pt2q FP8 measurement file (format {FORMAT!r}); write one with "
                                "pt2q.measure")
@@ -216,14 +207,3 @@ def _config_record(config) -> dict:
     return {"dtype": format_name(config.torch_dtype), "device": config.device, "scale_method": config.scale_method,
             "weight_granularity": config.weight_granularity, "weight_backoff": config.weight_backoff,
             "activation_backoff": config.activation_backoff}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise

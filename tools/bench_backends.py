@@ -6,7 +6,8 @@ Rows (same model, calibration and evaluation text in one process):
   mean / min cosine of sentence embeddings vs fp32, HPU op counts, whether the lowered graph equals the
   Q/DQ graph, quantize and lowering times.
 - fp8_e4m3_gaudi2_from_measurement: the same through pt2q.measure -> FP8Config(from_measurement=...).
-- fp8_e4m3_gaudi2_dynamic: FP8 with run-time activation scales.
+- fp8_e4m3_gaudi2_dynamic: FP8 with run-time activation scales; fp8_e4m3_gaudi2_maxabs: exact max-|x|
+  scales instead of the hardware-aligned default.
 - int8_x86 / int8_xpu: StaticQuantConfig(backend="x86" | "xpu"): cosine of the Q/DQ graph (the
   reference semantics both devices implement) and, for xpu, of the graph lowered through Inductor's
   CPU path (`pt2q.backends.xpu`; no XPU device here), and quantize times.
@@ -53,7 +54,8 @@ def max_difference(a, b, evaluation) -> float:
                    for batch in evaluation[:2])
 
 
-def fp8_row(model, calib, evaluation, dtype, device, from_measurement=False, activation="static") -> dict:
+def fp8_row(model, calib, evaluation, dtype, device, from_measurement=False, activation="static",
+            scale_method="maxabs_hw") -> dict:
     from pt2q.backends import habana
 
     row: dict = {}
@@ -66,7 +68,7 @@ def fp8_row(model, calib, evaluation, dtype, device, from_measurement=False, act
                 pt2q.quantize, model, pt2q.FP8Config(dtype=dtype, device=device, from_measurement=path),
                 example_inputs=calib[0], progress=False)
     else:
-        config = pt2q.FP8Config(dtype=dtype, device=device, activation=activation)
+        config = pt2q.FP8Config(dtype=dtype, device=device, activation=activation, scale_method=scale_method)
         data = calib if activation == "static" else None
         qmodel, row["quantize_seconds"] = demo.timed(pt2q.quantize, model, config, data, example_inputs=calib[0],
                                                      progress=False)
@@ -111,6 +113,7 @@ def main(argv=None) -> int:
     jobs = {f"fp8_{dtype}_{device}": (fp8_row, (dtype, device)) for dtype, device in FP8_ROWS}
     jobs["fp8_e4m3_gaudi2_from_measurement"] = (lambda *a: fp8_row(*a, from_measurement=True), ("e4m3", "gaudi2"))
     jobs["fp8_e4m3_gaudi2_dynamic"] = (lambda *a: fp8_row(*a, activation="dynamic"), ("e4m3", "gaudi2"))
+    jobs["fp8_e4m3_gaudi2_maxabs"] = (lambda *a: fp8_row(*a, scale_method="maxabs"), ("e4m3", "gaudi2"))
     jobs["int8_x86"] = (int8_row, ("x86",))
     jobs["int8_xpu"] = (int8_row, ("xpu",))
     results: dict = {"settings": vars(args)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import intel_extension_for_pytorch as ipex
-    from pt2q.backends.ipex.files import write_json_atomic
+    from pt2q.jsonfile import write_json_atomic
     from tests.backends import ipex_tiny_bert
 
     torch.manual_seed(ipex_tiny_bert.SEED)

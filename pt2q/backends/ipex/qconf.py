@@ -32,7 +32,6 @@ report lists them.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import Pt2qError
-from .files import write_json_atomic
+from ...jsonfile import read_json, write_json_atomic
 from .quantities import load_quantities, validate_quantities
 
 __all__ = ["QconfError", "QconfPatchReport", "check_loadable", "int8_module_entries", "patch_qconf",
@@ -83,15 +82,7 @@ class QconfPatchReport:
 def read_qconf(path: str | Path) -> dict:
     """Load a qconf JSON file and check it has the layout IPEX's loader reads (`check_loadable`)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise QconfError(f"cannot read the IPEX qconf {path}: {error}") from error
-    try:
-        qconf = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise QconfError(f"{path} is not valid JSON ({error}); a truncated file? Save it again with "
-                         f"prepared.save_qconf_summary(qconf_summary=...)") from error
+    qconf = read_json(path, QconfError, "IPEX qconf", "save it again with prepared.save_qconf_summary(qconf_summary=...)")
     check_loadable(qconf, str(path))
     return qconf
 

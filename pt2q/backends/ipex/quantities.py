@@ -34,7 +34,7 @@ from ... import meta
 from ...errors import Pt2qError
 from ...graph import get_constant, module_stack
 from ...quantizers import weighted_ops
-from .files import write_json_atomic
+from ...jsonfile import write_json_atomic
 
 __all__ = ["QUANTITIES_FORMAT", "QuantitiesError", "extract_quantities", "load_quantities", "save_quantities",
            "validate_quantities"]

@@ -1,5 +1,6 @@
-"""Atomic JSON writes for the IPEX backend's files: a temporary file in the target's folder, then
-`os.replace`, so a reader sees the old file or the whole new one, never half of it."""
+"""JSON files pt2q writes and reads (FP8 measurements, IPEX qconf and quantities). Writes are atomic: a
+temporary file in the target's folder, then `os.replace`, so a reader sees the old file or the whole
+new one, never half of it. Reads turn a missing or truncated file into the caller's error class."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_json_atomic"]
+__all__ = ["read_json", "write_json_atomic"]
 
 
 def _umask() -> int:
@@ -35,3 +36,18 @@ def write_json_atomic(path: str | Path, document, indent: int = 4) -> Path:
             os.unlink(temporary)
         raise
     return path
+
+
+def read_json(path: str | Path, error: type[Exception], what: str, remedy: str):
+    """The JSON document at `path`; `error(message)` when it cannot be read or is not complete JSON.
+    `what` names the file's kind in the message, `remedy` says how to get a good one."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as cause:
+        raise error(f"cannot read the {what} {str(path)!r}: {cause}") from cause
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as cause:
+        raise error(f"{path} is not a complete {what} (invalid JSON at line {cause.lineno}, column {cause.colno}: "
+                    f"{cause.msg}; truncated?): {remedy}") from cause
