@@ -48,7 +48,8 @@ def block():
     model = ResidualBlock().eval()
     x = torch.randn(128, 64)
     qmodel = pt2q.quantize(model, XPU, [(x,)], progress=False)
-    compiled, saturation = compile_recording_saturation(qmodel, (x,))
+    # the signed graph as it is (the default re-encodes activations as uint8: see compile_on_cpu)
+    compiled, saturation = compile_recording_saturation(qmodel, (x,), uint8_activations=False)
     return model, qmodel, x, compiled, saturation
 
 
@@ -56,7 +57,8 @@ def block():
 def cnn():
     zoo = build("cnn")
     qmodel = pt2q.quantize(zoo.model, XPU, [zoo.args], progress=False)
-    compiled, saturation = compile_recording_saturation(qmodel, zoo.args, uint8_activations=True)
+    compiled, saturation = compile_recording_saturation(qmodel, zoo.args)  # default: uint8 re-encoding
+    assert compiled.options["uint8_activations"] is True
     return zoo, qmodel, compiled, saturation
 
 
@@ -143,7 +145,7 @@ def test_signed_conv_inputs_are_refused_by_name(cnn):
     assert xpu.signed_int8_conv_inputs(qmodel) == ["conv2d", "conv2d_1", "conv2d_2"]
     with pytest.raises(BackendUnavailable, match=r"3 conv\(s\) \(conv2d, conv2d_1, conv2d_2\) read signed int8 "
                                                  r"activations.*uint8_activations=True"):
-        xpu.compile_on_cpu(qmodel, ((torch.randn(2, 3, 32, 32),)))
+        xpu.compile_on_cpu(qmodel, ((torch.randn(2, 3, 32, 32),)), uint8_activations=False)
 
 
 def test_uint8_reencoding_is_exact_and_leaves_the_model_alone(cnn):

@@ -25,6 +25,9 @@ What Inductor's CPU path does with signed int8 activations (torch 2.13; tests/ba
   static activation as uint8 with the zero point moved by +128 (`activations_as_uint8`): the same scale
   and the same real values, so the same numbers, on the kernels the CPU has. (conv3d stays dequantize +
   float conv: no int8 kernel for it either way.)
+- speed: oneDNN's CPU matmul has optimized int8 kernels for uint8 activations only; with int8 ones it
+  picks its reference kernel (`ref_int8:any`), thousands of times slower on a real layer. So
+  `compile_on_cpu` re-encodes as uint8 by default; `uint8_activations=False` keeps the signed graph.
 """
 from __future__ import annotations
 
@@ -212,18 +215,21 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
                    {**options, "device": "xpu", "mixed_bf16": mixed_bf16, "dynamic": dynamic}, warm, before)
 
 
-def compile_on_cpu(qmodel: GraphModule, example_inputs: Any, *, uint8_activations: bool = False,
+def compile_on_cpu(qmodel: GraphModule, example_inputs: Any, *, uint8_activations: bool = True,
                    **inductor_options) -> CompiledQuantModel:
     """Run an XPU-quantized `qmodel` through Inductor's CPU path (`pt2q.backends.inductor.compile`, which
     `inductor_options` go to): the CPU's oneDNN int8 kernels, not an XPU's.
 
-    By default the graph is compiled as it is, signed int8 activations included, which the CPU's int8
-    linear takes. oneDNN's CPU int8 conv takes uint8 only: a graph with such convs raises
-    BackendUnavailable naming them (instead of failing inside the compiled model) unless
-    `uint8_activations=True`, which re-encodes every static activation as uint8 with zero point + 128
-    first (`activations_as_uint8`: the same values, so the same numbers; on a CPU whose int8 kernels
-    saturate, the compile warns about those layers). The result's `options` record "device": "cpu",
-    "uint8_activations" and "signed_conv_inputs" (the convs that needed the re-encoding).
+    By default (`uint8_activations=True`) every static activation is first re-encoded as uint8 with zero
+    point + 128 (`activations_as_uint8`: the same scale and real values, so the same numbers; on a CPU
+    whose int8 kernels saturate, the compile warns about those layers). The CPU's oneDNN has fast int8
+    kernels for uint8 activations only: a signed int8 linear runs its reference kernel (`ref_int8:any`;
+    one 4096x384 @ 384x384 linear took 14.4 s against 2.6 ms for uint8 on the AVX-512 VNNI dev machine,
+    which is `brg_matmul:avx512_core_vnni`), and its int8 conv refuses signed input. `uint8_activations=False`
+    compiles the signed graph as it is: linears then run (slowly) and a graph with int8 convs raises
+    BackendUnavailable naming them (instead of failing inside the compiled model). The result's `options`
+    record "device": "cpu", "uint8_activations" and "signed_conv_inputs" (the convs that need the
+    re-encoding).
     """
     _check_graph(qmodel, "pt2q.backends.xpu.compile_on_cpu")
     if not isinstance(uint8_activations, bool):
