@@ -236,7 +236,7 @@ def test_prepare_without_example_inputs(model):
 
 
 def test_prepare_rejects_non_config(model):
-    with pytest.raises(ConfigError, match="StaticQuantConfig, DynamicQuantConfig, WeightOnlyQuantConfig, RTNConfig, GPTQConfig or AWQConfig.*dict"):
+    with pytest.raises(ConfigError, match="StaticQuantConfig, DynamicQuantConfig, WeightOnlyQuantConfig, RTNConfig, GPTQConfig, AWQConfig or FP8Config, got dict"):
         pt2q.prepare(model, {"backend": "x86"}, _batch())
 
 
