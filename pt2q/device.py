@@ -333,7 +333,9 @@ def lowering_paths(devices: dict[str, DeviceProbe], libraries: dict[str, Library
     else:
         paths.append(PathStatus("XPU int8", "pt2q.backends.xpu.compile_on_cpu", EMULATED,
                                 f"no XPU device ({xpu.detail}): XPUQuantizer graphs (signed int8) run through "
-                                "Inductor's CPU kernels; pt2q.backends.xpu.compile raises BackendUnavailable"))
+                                "Inductor's CPU kernels, their activations re-encoded as uint8 (the same values) "
+                                "for oneDNN's fast CPU int8 kernels; pt2q.backends.xpu.compile raises "
+                                "BackendUnavailable"))
 
     hpu = devices["hpu"]
     if hpu.available:
