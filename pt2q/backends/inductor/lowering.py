@@ -137,15 +137,20 @@ def _written_inputs(after, before) -> list[int]:
 
 def _lower_weight_only(qmodel, *, dynamic_activations: bool, activation_dtype, flat: bool = False):
     """(graph to compile, WeightOnlyReport): `qmodel`'s graph with its weight-only layers rewritten into
-    kernels, on a new GraphModule sharing `qmodel`'s tensors (`qmodel` itself is not changed). Graphs
-    without weight-only layers come back as they are, unless `flat` asks for the flat-tuple codegen."""
+    kernels and its dynamic int8 qparams computed as the op does (DynamicQparamsIncludeZero: Inductor's
+    own decomposition leaves 0 out of the range), on a new GraphModule sharing `qmodel`'s tensors
+    (`qmodel` itself is not changed). Graphs with neither come back as they are, unless `flat` asks for
+    the flat-tuple codegen."""
     from ...ops import DEQUANTIZE_WEIGHT
+    from ...passes.dynamic_qparams_include_zero import CHOOSE_QPARAMS, DynamicQparamsIncludeZero
     from ...passes.manager import PassManager
 
     lower = LowerWeightOnly(activation_dtype=activation_dtype, dynamic_activations=dynamic_activations)
     has_weight_only = isinstance(qmodel, GraphModule) and any(
         qmodel.graph.find_nodes(op="call_function", target=DEQUANTIZE_WEIGHT))
-    if not (has_weight_only or flat):
+    has_dynamic = isinstance(qmodel, GraphModule) and any(
+        qmodel.graph.find_nodes(op="call_function", target=CHOOSE_QPARAMS))
+    if not (has_weight_only or has_dynamic or flat):
         return qmodel, lower.report
     # The copy shares qmodel's tensors; the pass only adds constants to it and drops unused ones from it.
     with warnings.catch_warnings():
@@ -156,6 +161,8 @@ def _lower_weight_only(qmodel, *, dynamic_activations: bool, activation_dtype, f
     if flat:
         lowered.graph._codegen = torch.fx.graph.CodeGen()  # positional tensors in, tuple out (what Dynamo uses)
         lowered.recompile()
+    if has_dynamic:
+        lowered, _ = PassManager([DynamicQparamsIncludeZero()])(lowered)
     if has_weight_only:
         lowered, _ = PassManager([lower])(lowered)
     return lowered, lower.report
