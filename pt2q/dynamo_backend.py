@@ -171,10 +171,14 @@ def _resolve_target(target, config, given: bool) -> str:
         if given and target != "fp8":
             raise ConfigError(f"pt2q backend: an FP8Config runs on target 'fp8', not {target!r}")
         target = "fp8"
-    if target == "xpu" and not torch.xpu.is_available():
-        raise BackendUnavailable("pt2q backend: target 'xpu' needs an Intel GPU and torch.xpu.is_available() is False "
-                                 "here; use target='cpu' (the XPU quantizer's graphs also run on the CPU path: "
-                                 "pt2q.compile(qmodel, example_inputs, backend='cpu'))")
+    if target == "xpu":
+        from .device import probe_xpu
+
+        xpu = probe_xpu()
+        if not xpu.available:
+            raise BackendUnavailable(f"pt2q backend: target 'xpu' needs an Intel GPU and torch.xpu.is_available() is "
+                                     f"False here ({xpu.detail}); use target='cpu' (the XPU quantizer's graphs also "
+                                     "run on the CPU path: pt2q.compile(qmodel, example_inputs, backend='cpu'))")
     return target
 
 
