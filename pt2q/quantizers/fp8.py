@@ -20,6 +20,7 @@ from torchao.quantization.pt2e.utils import create_getattr_from_value
 
 from .. import fp8
 from ..errors import CalibrationError
+from ..graph import get_constant
 from ..ops import CHOOSE_FP8_SCALE, DEQUANTIZE_FP8, QUANTIZE_FP8
 from .base import QuantScheme, RuleQuantizer
 
@@ -83,7 +84,7 @@ class FP8Observer(ObserverBase):
         device = source.meta["val"].device if "val" in source.meta else torch.device("cpu")
         out_dtype = source.meta["val"].dtype if "val" in source.meta else torch.float32
         with graph.inserting_before(observer_node):
-            constant = _constant_of(model, source)
+            constant = get_constant(model, source)
             if constant is not None:  # a weight: cast it now, keep only the float8 copy
                 self.amax = self.reduce(constant.detach())
                 scale = self._broadcastable(self.scale(), constant.dim())
@@ -124,15 +125,6 @@ class FP8PerChannelObserver(FP8Observer):
     def __init__(self, dtype, is_dynamic: bool = False, *, ch_axis: int = 0, **kwargs):
         kwargs.pop("channel_axis", None)
         super().__init__(dtype, is_dynamic, channel_axis=ch_axis, **kwargs)
-
-
-def _constant_of(model: GraphModule, node: Node) -> torch.Tensor | None:
-    if node.op != "get_attr":
-        return None
-    value = model
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def fp8_scheme(dtype: torch.dtype, device: str = "gaudi2", *, scale_method: str = "maxabs_hw",
