@@ -148,10 +148,9 @@ def _fp8_layers(prepared: GraphModule):
 
 
 def _layer_record(prepared: GraphModule, node: Node, observed: dict, with_values: bool) -> dict:
-    from .graph import module_stack
+    from .graph import module_fqn
 
-    stack = module_stack(node)
-    record = {"node": node.name, "op": str(node.target), "module": stack[-1][0] if stack else "",
+    record = {"node": node.name, "op": str(node.target), "module": module_fqn(node),
               "inputs": [], "weight_shape": None}
     for index, observer in observed["inputs"]:
         entry = {"arg": index, "shape": _shape(node.args[index].args[0])}
