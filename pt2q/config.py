@@ -229,7 +229,7 @@ class _WeightOnlyConfig:
 
     is_dynamic = False
     family = "weight_only"
-    algorithm = "rtn"       # the key of pt2q.weight_only.BLOCK_ALGORITHMS
+    algorithm = "rtn"       # the key of pt2q.weight_only.LAYER_ALGORITHMS / BLOCK_ALGORITHMS
     sequential = False      # calibrated block by block (GPTQ, AWQ) rather than not at all (RTN)
 
     def __post_init__(self):

@@ -142,8 +142,8 @@ def plan(graph_module: GraphModule, config) -> WeightOnlyPlan:
             raise ConfigError(f"{type(layer_config).__name__}.group_size={fmt.group_size} is larger than layer "
                               f"{fqn!r}'s {columns} {'input' if fmt.group_dim == 1 else 'output'} channels: use a "
                               f"group size <= {columns}, -1 (per channel), or set_local({fqn!r}, ...) for this layer")
-        if layer_config.algorithm != "rtn" and node.target is not aten.linear.default:
-            layer_config = _rtn_fallback(layer_config)  # GPTQ / AWQ treat linears; convs get round to nearest
+        if layer_config.sequential and node.target is not aten.linear.default:
+            layer_config = _rtn_fallback(layer_config)  # the block algorithms treat linears; convs get RTN
         layers[node.name] = Layer(node.name, fqn, node.args[1].target, layer_config, fmt, tuple(weight.shape))
     if not layers:
         log.warning("weight-only: no linear of this model is quantized (%d kept float)", len(kept))
@@ -170,6 +170,15 @@ def _rtn(layer: Layer, weight: torch.Tensor) -> QuantizedWeight:
     config = layer.config
     return rtn_quantize(weight, layer.fmt, quantile=getattr(config, "quantile", 1.0),
                         mse_clip=getattr(config, "mse_clip", False))
+
+
+# Calibration-free algorithms: config.algorithm -> how one layer's weight is quantized. A layer of a
+# sequential algorithm that no block holds (outside every block) falls back to round to nearest.
+LAYER_ALGORITHMS = {"rtn": _rtn}
+
+
+def _quantize_layer(layer: Layer, weight: torch.Tensor) -> QuantizedWeight:
+    return LAYER_ALGORITHMS.get(layer.config.algorithm, _rtn)(layer, weight)
 
 
 # -- sequential algorithms, one block at a time ------------------------------------------------------------
@@ -210,10 +219,12 @@ def _gptq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightO
             block.weights[linear.name] = qweight.dequantize()
 
 
-def _rtn_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
+def _layerwise_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
+    """A calibration-free algorithm's layers inside a block calibrated for another one (set_local): quantized
+    before the block's last run, so the blocks after it see their quantized outputs."""
     for linear in block.linears:
         if linear.name in layers:
-            qweight = _rtn(layers[linear.name], get_constant(gm, linear.args[1]))
+            qweight = _quantize_layer(layers[linear.name], get_constant(gm, linear.args[1]))
             plan_.quantized[linear.name] = qweight
             block.weights[linear.name] = qweight.dequantize()
 
@@ -344,7 +355,11 @@ def _awq_groups(gm: GraphModule) -> list:
     return [group for group in analysis.report if not group.skipped]
 
 
-BLOCK_ALGORITHMS = {"rtn": _rtn_block, "gptq": _gptq_block, "awq": _awq_block}
+BLOCK_ALGORITHMS = {"gptq": _gptq_block, "awq": _awq_block}
+
+
+def _block_algorithm(algorithm: str):
+    return BLOCK_ALGORITHMS.get(algorithm, _layerwise_block)
 
 
 def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iterable, *,
@@ -374,7 +389,7 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
         for name in members & set(plan_.layers):
             by_algorithm.setdefault(plan_.layers[name].config.algorithm, {})[name] = plan_.layers[name]
         for algorithm, layers in by_algorithm.items():
-            BLOCK_ALGORITHMS[algorithm](graph_module, block, layers, plan_)
+            _block_algorithm(algorithm)(graph_module, block, layers, plan_)
         log.info("%s: block %s: %d layers quantized", config.algorithm, block.name,
                  sum(len(layers) for layers in by_algorithm.values()))
 
@@ -403,7 +418,7 @@ def apply(graph_module: GraphModule, plan_: WeightOnlyPlan) -> WeightOnlyReport:
     by_name = {node.name: node for node in graph_module.graph.nodes}
     for name, layer in plan_.layers.items():
         if name not in plan_.quantized and name not in plan_.packed:
-            plan_.quantized[name] = _rtn(layer, get_constant(graph_module, by_name[name].args[1]))
+            plan_.quantized[name] = _quantize_layer(layer, get_constant(graph_module, by_name[name].args[1]))
     # The layers left (RTN, or outside every block) are packed here, through the pass manager, so the dump
     # tool sees this step; the blocks packed during calibration are in the graph already.
     pack = PackWeights({name: plan_.quantized.pop(name) for name in list(plan_.quantized)})
