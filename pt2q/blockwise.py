@@ -139,6 +139,55 @@ class Block:
             save=True, only_needed=True) or self.checkpoint
 
 
+    @property
+    def outputs(self) -> list[Node]:
+        """The block's nodes read after it (its outputs), in graph order."""
+        members = set(self.segment.nodes)
+        return [n for n in self.segment.nodes if any(u not in members for u in n.users)]
+
+    def inputs(self, sample: int) -> dict[Node, object]:
+        """The values from outside the block that its nodes read, for one sample."""
+        members = set(self.segment.nodes)
+        needed = {a for n in self.segment.nodes for a in n.all_input_nodes
+                  if a not in members and a.op != "get_attr"}
+        return {node: self.runner.env[node][sample] for node in needed}
+
+    def forward(self, inputs: dict[Node, object], weights: dict[str, torch.Tensor] | None = None,
+                input_scales: dict[str, torch.Tensor] | None = None) -> dict[Node, object]:
+        """The block's outputs (`outputs`) for one sample's `inputs` (see `inputs`), computed under the
+        caller's autograd mode: with grad enabled, gradients flow into `weights` (linear node name -> the
+        weight to use) and `input_scales` (linear node name -> a factor on its input) - what trained
+        algorithms (AutoRound, TEQ) differentiate. The graph's own tensors are read, never changed."""
+        weights, input_scales = weights or {}, input_scales or {}
+        members = set(self.segment.nodes)
+        last_use: dict[Node, int] = {}
+        for index, node in enumerate(self.segment.nodes):
+            for arg in node.all_input_nodes:
+                last_use[arg] = index
+        outputs = set(self.outputs)
+        local: dict[Node, object] = {}
+
+        def lookup(arg: Node):
+            if arg in local:
+                return local[arg]
+            if arg.op == "get_attr":  # detached: no gradient ever goes into the graph's own parameters
+                value = _fetch(self.runner.gm, arg.target)
+                return value.detach() if isinstance(value, torch.Tensor) else value
+            return inputs[arg]
+
+        for index, node in enumerate(self.segment.nodes):
+            args = map_arg(node.args, lookup)
+            if node.name in input_scales:
+                args = (args[0] * input_scales[node.name], *args[1:])
+            if node.name in weights:
+                args = (args[0], weights[node.name], *args[2:])
+            local[node] = self.runner._execute(node, args, map_arg(node.kwargs, lookup))
+            for arg in node.all_input_nodes:
+                if arg in members and last_use.get(arg) == index and arg not in outputs:
+                    del local[arg]
+        return {node: local[node] for node in self.outputs}
+
+
 class SequentialRunner:
     """See the module docstring. `batches`: calibration batches (tuples of positional inputs or dicts of
     keyword inputs) for `graph_module`, a pt2q capture."""

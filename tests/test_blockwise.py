@@ -372,3 +372,47 @@ def test_checkpoint_budget_is_a_multiple_of_the_block_inputs(captured, batches):
             lambda block, r=ratio: on_block(block, r))
     assert kept[0.0] is None                      # the values before down_proj take memory: not kept
     assert kept[100.0] is not None and len(kept[100.0]) == len(batches) and min(kept[100.0]) > 0
+
+
+# -- a block as a differentiable function (AutoRound, TEQ) --------------------------------------------------
+def eager_outputs(model, module: str, batches) -> list[torch.Tensor]:
+    """The (first) output of `module` in an eager forward of each batch."""
+    seen = []
+
+    def keep(mod, args, output):
+        seen.append((output[0] if isinstance(output, tuple) else output).clone())
+
+    hook = model.get_submodule(module).register_forward_hook(keep)
+    try:
+        for batch in batches:
+            call(model, kwargs=batch)
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_block_forward_equals_the_eager_block_and_differentiates_the_overrides(llama, captured, batches):
+    down1 = linear_of(captured, "model.layers.1.mlp.down_proj")
+    weight = get_constant(captured, down1.args[1])
+    weight_before = weight.clone()
+    forwarded, grads = [], []
+
+    def on_block(block):
+        if block.index != 1:
+            return
+        (output,) = block.outputs
+        for sample in range(block.runner.samples):
+            forwarded.append(block.forward(block.inputs(sample))[output].clone())
+        trainable = weight.clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = block.forward(block.inputs(0), {down1.name: trainable})[output]
+            out.pow(2).sum().backward()
+        grads.append(trainable.grad)
+
+    SequentialRunner(captured, batches, progress=False).run(on_block)
+    expected = eager_outputs(llama.model, "model.layers.1", batches)
+    assert len(forwarded) == len(batches)
+    for actual, reference in zip(forwarded, expected):
+        torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-5)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    assert torch.equal(weight, weight_before) and weight.grad is None   # the graph's tensor: untouched
