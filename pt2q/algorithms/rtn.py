@@ -223,7 +223,14 @@ def rtn_quantize(weight: torch.Tensor, fmt: WeightFormat, *, quantile: float = 1
         codes = quantize_values(groups, scale.unsqueeze(-1), zero, fmt)
     else:
         codes, scale, zero_point = _codes_for(groups, fmt, quantile)
-    rows, cols = values.shape
+    return assemble(codes, scale, zero_point, fmt, tuple(weight.shape), values.shape[1])
+
+
+def assemble(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: WeightFormat,
+             shape: tuple[int, ...], padded_cols: int) -> QuantizedWeight:
+    """A QuantizedWeight from codes `[rows, groups, group]` (see `_split`) and their group parameters: the
+    columns past the last group (packing padding) get the code of the value 0."""
+    rows, cols = codes.shape[0], padded_cols
     flat = codes.reshape(rows, -1)
     if flat.shape[1] < cols:  # packing padding past the last whole group: the zero-point code (value 0)
         fill = (CODE_TABLES[fmt.dtype].index(0.0) if fmt.dtype != "int"
@@ -231,4 +238,4 @@ def rtn_quantize(weight: torch.Tensor, fmt: WeightFormat, *, quantile: float = 1
         pad = (torch.full((rows, cols - flat.shape[1]), fill, dtype=torch.int64) if fill is not None
                else zero_point[:, -1:].to(torch.int64).expand(rows, cols - flat.shape[1]))
         flat = torch.cat([flat, pad], dim=1)
-    return QuantizedWeight(flat.contiguous(), scale.contiguous(), zero_point, fmt, tuple(weight.shape))
+    return QuantizedWeight(flat.contiguous(), scale.contiguous(), zero_point, fmt, tuple(shape))
