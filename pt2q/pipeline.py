@@ -51,7 +51,8 @@ from .passes.manager import Pass, PassManager
 log = logging.getLogger(__name__)
 
 __all__ = ["Algorithm", "FP8Observers", "Int8Observers", "Pipeline", "SmoothQuant", "WeightOnly", "build", "calibrate",
-           "convert", "count_quantized_layers", "prepare", "quantize", "split_calibration_data"]
+           "convert", "count_quantized_layers", "prepare", "quantize", "quantized_layer_nodes",
+           "split_calibration_data"]
 
 
 class Algorithm(Protocol):
@@ -525,14 +526,20 @@ def check_observers(prepared: GraphModule) -> None:
                                    "on the calibration data, or keep that layer in fp32 with set_local(..., None)")
 
 
-def count_quantized_layers(qmodel: GraphModule) -> int:
-    """Number of weighted layers (linear/conv) whose weight is dequantized in the graph (int8 Q/DQ, FP8,
-    or pt2q's packed weight-only form)."""
+def quantized_layer_nodes(qmodel: GraphModule) -> list[torch.fx.Node]:
+    """The weighted layers (linear/conv nodes) whose weight is dequantized in the graph (int8 Q/DQ, FP8,
+    or pt2q's packed weight-only form), in graph order."""
     from .ops import DEQUANTIZE_FP8, DEQUANTIZE_WEIGHT
     from .quantizers import weighted_ops
 
     dequant_ops = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
                    torch.ops.quantized_decomposed.dequantize_per_tensor.default, DEQUANTIZE_WEIGHT, DEQUANTIZE_FP8}
-    return sum(1 for node in qmodel.graph.nodes
-               if node.target in weighted_ops() and len(node.args) > 1
-               and getattr(node.args[1], "target", None) in dequant_ops)
+    return [node for node in qmodel.graph.nodes
+            if node.target in weighted_ops() and len(node.args) > 1
+            and getattr(node.args[1], "target", None) in dequant_ops]
+
+
+def count_quantized_layers(qmodel: GraphModule) -> int:
+    """Number of weighted layers (linear/conv) whose weight is dequantized in the graph (int8 Q/DQ, FP8,
+    or pt2q's packed weight-only form)."""
+    return len(quantized_layer_nodes(qmodel))

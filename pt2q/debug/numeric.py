@@ -24,7 +24,21 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
+from ..ops import DEQUANTIZE_FP8, DEQUANTIZE_WEIGHT
 from .text import _is_observer_like, has_int8_weight, is_quantized_compute, short_target
+
+# pt2q's own dequantize ops: weight-only packed weights (RTN / GPTQ / AWQ ...) and FP8 values. A node
+# reading one of them is quantized compute too, beside the int8 Q/DQ form `is_quantized_compute` knows.
+_PT2Q_DEQUANTIZE_OPS = frozenset({DEQUANTIZE_WEIGHT, DEQUANTIZE_FP8})
+
+
+def is_compared(node: Node) -> bool:
+    """A node the report compares: int8 quantized compute, or an op reading a value one of pt2q's own
+    dequantize ops produced (a weight-only linear, an FP8 GEMM)."""
+    if is_quantized_compute(node):
+        return True
+    return node.op == "call_function" and node.target not in _PT2Q_DEQUANTIZE_OPS and any(
+        arg.op == "call_function" and arg.target in _PT2Q_DEQUANTIZE_OPS for arg in node.all_input_nodes)
 
 
 @dataclass
@@ -128,7 +142,7 @@ def compare_graphs(reference: GraphModule, quantized: GraphModule, args: tuple, 
     before SmoothQuant, the reference for the model outputs. No module is changed."""
     reference = bypass_observers(structural_copy(reference))
     ref_names = {n.name for n in reference.graph.nodes}
-    targets = {n.name: n for n in quantized.graph.nodes if is_quantized_compute(n) and n.name in ref_names}
+    targets = {n.name: n for n in quantized.graph.nodes if is_compared(n) and n.name in ref_names}
     stored: dict[str, torch.Tensor] = {}
 
     def keep(name, value):

@@ -112,6 +112,43 @@ def _next_run_dir(root: Path, label: str) -> Path:
     return root / f"{max(taken, default=-1) + 1:03d}_{label}"
 
 
+class NumericReference:
+    """The fp32 graphs the numeric report compares a quantized graph against, taken while the pipeline
+    runs (a pass observer: `with observe_passes(reference): ...quantize...`).
+
+    `annotated`: the graph right after the quantizer annotated (int8 / FP8: observers in, conv-bn folded,
+    node names as in the quantized graph; observers are bypassed when it runs). `smoothed`: right after
+    SmoothQuant applied, the per-node reference then (a producer that absorbed 1/s has rescaled outputs).
+    `captured`: the capture the pipeline started from, the reference when nothing was annotated
+    (weight-only); it must own its tensors, since AWQ scales the prepared model's tensors in place."""
+
+    def __init__(self, captured: GraphModule | None = None):
+        self.captured = captured
+        self.annotated: GraphModule | None = None
+        self.smoothed: GraphModule | None = None
+
+    def __call__(self, pass_name: str, gm: GraphModule, record) -> None:
+        if record.composite:
+            return  # a pipeline stage: the pass inside it that made the graph was seen already
+        if isinstance(record.report, AnnotationReport):
+            self.annotated = structural_copy(gm)
+        if isinstance(record.report, SmoothQuantReport):
+            self.smoothed = structural_copy(gm)
+
+    @property
+    def fp32(self) -> GraphModule | None:
+        """The unsmoothed fp32 graph: the reference of the model outputs."""
+        return self.annotated if self.annotated is not None else self.captured
+
+    def compare(self, qmodel: GraphModule, args: tuple, kwargs: dict) -> tuple[list[NumericRow], list[NumericRow]]:
+        """(per-node rows, worst SQNR first; model-output rows) of `qmodel` on (args, kwargs)."""
+        if self.fp32 is None:
+            raise Pt2qError("the numeric reference saw no annotated graph and was given no capture")
+        if self.smoothed is not None:
+            return compare_graphs(self.smoothed, qmodel, args, kwargs, unsmoothed=self.fp32)
+        return compare_graphs(self.fp32, qmodel, args, kwargs)
+
+
 class _Recorder:
     """Follows the pipeline: snapshots each stage, writes its text and diff at once."""
 
@@ -121,8 +158,7 @@ class _Recorder:
         self.diffs: dict[str, str] = {}
         self.files: list[StageFiles] = []
         self.rules: dict[str, str] = {}
-        self.reference: GraphModule | None = None
-        self.smoothed: GraphModule | None = None
+        self.reference = NumericReference()
         self.pass_seconds: list[dict] = []
 
     def add(self, name: str, gm: GraphModule | None = None, notes: list[str] | None = None) -> GraphSnapshot:
@@ -151,11 +187,7 @@ class _Recorder:
             notes: list[str] = []
             if isinstance(record.report, AnnotationReport):  # the quantizer annotated: observers are in
                 self.rules = dict(record.report.rules)
-                # The fp32 reference: same node names as the quantized graph, conv-bn folded,
-                # not smoothed yet. Observers are bypassed when it runs.
-                self.reference = structural_copy(gm)
-            if isinstance(record.report, SmoothQuantReport):
-                self.smoothed = structural_copy(gm)  # the per-node reference once SmoothQuant ran
+            self.reference(pass_name, gm, record)
             if isinstance(record.report, PassReport):
                 notes += _report_lines(record.report)
             self.add(pass_name, gm, notes)
@@ -222,6 +254,7 @@ def dump_pipeline(model: torch.nn.Module, config, calib_data: Iterable | None = 
         start = time.perf_counter()
         captured = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes)
         timings["capture"] = time.perf_counter() - start
+        recorder.reference.captured = captured
         _guarded(recorder, strict, "capture", lambda: recorder.add("capture", captured))
         with observe_passes(recorder):
             start = time.perf_counter()
@@ -238,12 +271,7 @@ def dump_pipeline(model: torch.nn.Module, config, calib_data: Iterable | None = 
         if numeric:
             def run_numeric():
                 start = time.perf_counter()
-                reference = recorder.reference if recorder.reference is not None else captured
-                if recorder.smoothed is not None:
-                    result.numeric, result.outputs = compare_graphs(recorder.smoothed, qmodel, args, kwargs,
-                                                                    unsmoothed=reference)
-                else:
-                    result.numeric, result.outputs = compare_graphs(reference, qmodel, args, kwargs)
+                result.numeric, result.outputs = recorder.reference.compare(qmodel, args, kwargs)
                 timings["numeric"] = time.perf_counter() - start
             _guarded(recorder, strict, "numeric", run_numeric)
         kernel_report: list[str] = []
@@ -258,8 +286,7 @@ def dump_pipeline(model: torch.nn.Module, config, calib_data: Iterable | None = 
             recorder.add("inductor", None, kernel_report)
             if numeric:
                 def run_compiled_numeric():
-                    reference = recorder.reference if recorder.reference is not None else captured
-                    result.outputs += compare_compiled(reference, qmodel, compiled, args, kwargs)
+                    result.outputs += compare_compiled(recorder.reference.fp32, qmodel, compiled, args, kwargs)
                 _guarded(recorder, strict, "numeric", run_compiled_numeric)
         if numeric:
             _guarded(recorder, strict, "numeric", lambda: (out / "numeric.txt").write_text("\n".join(

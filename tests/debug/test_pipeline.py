@@ -112,6 +112,17 @@ def test_dynamic_config_needs_no_calibration_data(tmp_path):
     assert result.numeric and result.outputs[0].sqnr_db > 20
 
 
+def test_weight_only_layers_get_per_node_rows(dump):
+    """A weight-only linear reads pt2q's dequantize_weight, not an int8 Q/DQ pair: it is compared too, and
+    the last linear's row is the model output (the reference is the capture, nothing was annotated)."""
+    model, calib = mlp2()
+    result = dump(model, calib, config=pt2q.RTNConfig(bits=4, group_size=8))
+    by_node = {r.node: r for r in result.numeric}
+    assert set(by_node) == {"linear", "linear_1"} and by_node["linear"].module == "fc1"
+    assert by_node["linear_1"].sqnr_db == pytest.approx(result.outputs[0].sqnr_db)
+    assert all(10 < r.sqnr_db < 60 for r in result.numeric), [(r.node, r.sqnr_db) for r in result.numeric]
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 def test_non_empty_directory_is_not_overwritten(tmp_path):
     out = tmp_path / "mine"
