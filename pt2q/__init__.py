@@ -20,6 +20,10 @@ from .quantizers import FP8Quantizer, X86Quantizer, XPUQuantizer  # noqa: E402
 from .weight_transfer import transfer_quantized_weights  # noqa: E402
 from .device import target_device  # noqa: E402
 from .targets import compile  # noqa: E402,A001 - pt2q.compile(qmodel, example_inputs, backend="auto")
+# pt2q.autotune is the function (importing the submodule first binds the name to the module).
+from .autotune import TuningResult, autotune, get_int8_tuning_config, get_woq_tuning_config  # noqa: E402
+from .config import TuningConfig  # noqa: E402
+from .errors import TuningError  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -29,6 +33,7 @@ __all__ = [
     "SmoothQuantConfig", "StaticQuantConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
     "count_quantized_layers", "load", "prepare", "quantize", "save", "smooth_quant", "transfer_quantized_weights",
     "WeightTransferError", "compile", "target_device",
+    "TuningConfig", "TuningError", "TuningResult", "autotune", "get_int8_tuning_config", "get_woq_tuning_config",
 ]
 
 

@@ -131,11 +131,14 @@ split_calibration_data = pipeline.split_calibration_data
 
 def _saved_metadata(qmodel: GraphModule) -> dict:
     config = qmodel.meta.get(CONFIG_KEY)
-    return {"format": _SAVE_FORMAT, "backend": getattr(config, "backend", None),
-            "mixed_bf16": bool(getattr(config, "mixed_bf16", False)),
-            "dynamic": bool(getattr(config, "is_dynamic", False)),
-            "config": type(config).__name__ if config is not None else None,
-            "int8_numerics": qmodel.meta.get(INT8_NUMERICS_KEY)}
+    metadata = {"format": _SAVE_FORMAT, "backend": getattr(config, "backend", None),
+                "mixed_bf16": bool(getattr(config, "mixed_bf16", False)),
+                "dynamic": bool(getattr(config, "is_dynamic", False)),
+                "config": type(config).__name__ if config is not None else None,
+                "int8_numerics": qmodel.meta.get(INT8_NUMERICS_KEY)}
+    if qmodel.meta.get(meta.TUNING) is not None:  # pt2q.autotune's trial table (JSON data), on a tuned model
+        metadata["tuning"] = qmodel.meta[meta.TUNING]
+    return metadata
 
 
 def _output_type_names(exported: torch.export.ExportedProgram) -> list[str]:
@@ -221,6 +224,8 @@ def load(path: str | os.PathLike) -> GraphModule:
     numerics = metadata.get("int8_numerics")
     if numerics:
         graph_module.meta[INT8_NUMERICS_KEY] = numerics
+    if isinstance(metadata.get("tuning"), dict):
+        graph_module.meta[meta.TUNING] = metadata["tuning"]
     from .backends.inductor.saturation import warn_if_saturating
 
     warn_if_saturating(graph_module, where, built_on=(numerics or {}).get("built_on"))

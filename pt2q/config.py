@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import numbers
 import os
 import re
@@ -595,3 +596,82 @@ class SmoothQuantConfig:
 
 
 SmoothQuantConfig = with_field_check(SmoothQuantConfig)
+
+_FALLBACK_AFTER = ("each_config", "all_configs")
+
+
+@dataclass(kw_only=True)
+class TuningConfig:
+    """What `pt2q.autotune` searches, what passes, and when it stops. Not a quantization config (it is not
+    in CONFIG_KINDS): it lists them.
+
+    config_set: the quantization configs to try, in order (StaticQuantConfig, RTNConfig, ... with their
+        set_local rules). autotune quantizes with copies; these objects are never changed.
+    tolerable_loss: the largest relative loss of the eval_fn score against the fp32 model's that passes:
+        (fp32 - score) / |fp32| when higher_is_better, (score - fp32) / |fp32| otherwise (0.01: 1 %).
+    higher_is_better: True for accuracy or cosine similarity, False for perplexity or a loss.
+    max_trials: the most quantization trials (the fp32 evaluation is not one); None: no limit.
+    timeout_s: wall-clock budget in seconds, counted from the start of autotune; once it is spent no new
+        trial starts (a trial already running finishes). None: no limit.
+    fallback_layers: after a config fails, each fallback trial quantizes it again with its k most damaged
+        layers kept float, for each k here in order. The layers are ranked by the dump tool's per-node
+        SQNR against fp32 on the example inputs (pt2q.debug, lowest first). A k that would keep every
+        quantized layer float is skipped. None: k = 1, 2, 4, ... below the config's number of quantized
+        layers. (): no fallback.
+    fallback_after: "each_config" (config 1, its fallbacks, config 2, its fallbacks, ...) or "all_configs"
+        (every config as given first, then the fallbacks of each, the best-scoring config first).
+    """
+
+    config_set: list
+    tolerable_loss: float = 0.01
+    higher_is_better: bool = True
+    max_trials: int | None = 100
+    timeout_s: float | None = None
+    fallback_layers: tuple | None = None
+    fallback_after: str = "each_config"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (at construction and again when autotune starts). Raises ConfigError naming
+        the field and what it accepts."""
+        quantization_configs = tuple(CONFIG_KINDS.values())
+        names = ", ".join(cls.__name__ for cls in quantization_configs)
+        if not isinstance(self.config_set, (list, tuple)) or not self.config_set:
+            raise ConfigError(f"TuningConfig.config_set must be a non-empty list of pt2q quantization configs "
+                              f"({names}); got {self.config_set!r}")
+        for index, config in enumerate(self.config_set):
+            if not isinstance(config, quantization_configs):
+                hint = " (give it as StaticQuantConfig(smooth_quant=...))" if isinstance(config, SmoothQuantConfig) else ""
+                raise ConfigError(f"TuningConfig.config_set[{index}] is a {type(config).__name__}, not a pt2q "
+                                  f"quantization config{hint}; valid: {names}")
+            config.validate()
+        loss = self.tolerable_loss
+        if isinstance(loss, bool) or not isinstance(loss, numbers.Real) or not math.isfinite(loss) or loss < 0:
+            raise ConfigError(f"TuningConfig.tolerable_loss={loss!r} is not valid; valid: a relative loss >= 0, "
+                              "e.g. 0.01 for 1 %")
+        if not isinstance(self.higher_is_better, bool):
+            raise ConfigError(f"TuningConfig.higher_is_better must be True or False, got {self.higher_is_better!r}")
+        trials = self.max_trials
+        if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+            raise ConfigError(f"TuningConfig.max_trials={trials!r} is not valid; valid: an integer >= 1, or None "
+                              "(no limit)")
+        timeout = self.timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise ConfigError(f"TuningConfig.timeout_s={timeout!r} is not valid; valid: seconds > 0, or None "
+                              "(no limit)")
+        sizes = self.fallback_layers
+        if sizes is not None:
+            if not isinstance(sizes, (list, tuple)) or any(
+                    isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes) \
+                    or any(a >= b for a, b in zip(sizes, sizes[1:])):
+                raise ConfigError(f"TuningConfig.fallback_layers={sizes!r} is not valid; valid: increasing layer "
+                                  "counts >= 1 such as (1, 2, 4), () for no fallback, or None (1, 2, 4, ...)")
+        if self.fallback_after not in _FALLBACK_AFTER:
+            raise ConfigError(f"TuningConfig.fallback_after={self.fallback_after!r} is not valid; valid: "
+                              f"{', '.join(map(repr, _FALLBACK_AFTER))}")
+
+
+TuningConfig = with_field_check(TuningConfig)

@@ -41,3 +41,13 @@ class BackendUnavailable(Pt2qError, RuntimeError):
 class MeasurementError(Pt2qError, ValueError):
     """An FP8 measurement file cannot be used: unreadable, truncated, or taken on another model (the
     message names the first node whose name or shape differs)."""
+
+
+class TuningError(Pt2qError, RuntimeError):
+    """`pt2q.autotune` cannot score a model: the user's `eval_fn` raised, or returned something that is not
+    one finite number. The message names the trial and its config (or the fp32 baseline); `.trial` is the
+    trial number (None for the baseline) and the eval_fn's own exception is chained."""
+
+    def __init__(self, message: str, trial: int | None = None):
+        super().__init__(message)
+        self.trial = trial
