@@ -12,8 +12,8 @@ from .api import (calibrate, convert, count_quantized_layers, load, measure, pre
                   smooth_quant)
 from .measurement import Measurement  # noqa: E402
 from .capture import capture  # noqa: E402
-from .config import (AWQConfig, DynamicQuantConfig, FP8Config, GPTQConfig, RTNConfig, StaticQuantConfig,  # noqa: E402
-                     WeightOnlyQuantConfig)
+from .config import (AWQConfig, AutoRoundConfig, DynamicQuantConfig, FP8Config, GPTQConfig, RTNConfig, StaticQuantConfig,  # noqa: E402
+                     TEQConfig, WeightOnlyQuantConfig)
 from .errors import (BackendUnavailable, CalibrationError, CaptureError, ConfigError, DeviceError,  # noqa: E402
                      MeasurementError, NotPreparedError, Pt2qError, WeightTransferError)
 from .quantizers import FP8Quantizer, X86Quantizer, XPUQuantizer  # noqa: E402
@@ -23,16 +23,17 @@ from .targets import compile  # noqa: E402,A001 - pt2q.compile(qmodel, example_i
 # pt2q.autotune is the function (importing the submodule first binds the name to the module).
 from .autotune import TuningResult, autotune, get_int8_tuning_config, get_woq_tuning_config  # noqa: E402
 from .config import TuningConfig  # noqa: E402
+from .config import HQQConfig  # noqa: E402
 from .errors import TuningError  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AWQConfig", "BackendUnavailable", "DeviceError", "FP8Config", "FP8Quantizer", "GPTQConfig", "Measurement",
+    "AWQConfig", "AutoRoundConfig", "BackendUnavailable", "DeviceError", "FP8Config", "FP8Quantizer", "GPTQConfig", "Measurement",
     "MeasurementError", "measure", "RTNConfig", "CalibrationError", "CaptureError", "ConfigError", "DynamicQuantConfig", "NotPreparedError", "Pt2qError",
-    "SmoothQuantConfig", "StaticQuantConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
+    "SmoothQuantConfig", "StaticQuantConfig", "TEQConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
     "count_quantized_layers", "load", "prepare", "quantize", "save", "smooth_quant", "transfer_quantized_weights",
-    "WeightTransferError", "compile", "target_device",
+    "WeightTransferError", "compile", "target_device", "HQQConfig",
     "TuningConfig", "TuningError", "TuningResult", "autotune", "get_int8_tuning_config", "get_woq_tuning_config",
 ]
 

@@ -21,7 +21,8 @@ from torch.fx import GraphModule
 from . import meta, pipeline
 from .calibration import observers
 from .capture import EXAMPLE_INPUTS_KEY
-from .config import AWQConfig, DynamicQuantConfig, FP8Config, GPTQConfig, RTNConfig, SmoothQuantConfig, StaticQuantConfig, config_class
+from .config import HQQConfig
+from .config import AWQConfig, AutoRoundConfig, DynamicQuantConfig, FP8Config, GPTQConfig, RTNConfig, SmoothQuantConfig, StaticQuantConfig, TEQConfig, config_class
 from .errors import ConfigError, NotPreparedError, Pt2qError
 from .measurement import Measurement
 from .passes.smooth_quant_apply import SmoothQuantReport
@@ -39,7 +40,7 @@ SMOOTH_QUANT_REPORT_KEY = meta.SMOOTH_QUANT_REPORT
 INT8_NUMERICS_KEY = meta.INT8_NUMERICS
 _SAVE_FORMAT = 1
 
-Config = StaticQuantConfig | DynamicQuantConfig | RTNConfig | GPTQConfig | AWQConfig | FP8Config
+Config = StaticQuantConfig | DynamicQuantConfig | RTNConfig | HQQConfig | GPTQConfig | AWQConfig | AutoRoundConfig | TEQConfig | FP8Config
 WEIGHT_ONLY_PLAN_KEY = meta.WEIGHT_ONLY_PLAN
 WEIGHT_ONLY_REPORT_KEY = meta.WEIGHT_ONLY_REPORT
 

@@ -18,6 +18,7 @@ tensors) and every trial quantizes a copy of that capture with a copy of its con
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -26,7 +27,7 @@ import numbers
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -146,10 +147,15 @@ def _float_text(trial: Trial) -> str:
     return f"{len(trial.kept_float)}: {', '.join(trial.kept_float)}"
 
 
+# Fields named in a config's summary even at their default value: what tells the entries of a set apart.
+_ALWAYS_SHOWN = {"SmoothQuantConfig": ("alpha",)}
+
+
 def config_summary(config, skip_rules: int = 0) -> str:
     """A short name for a config: its class and the fields that differ from the defaults, e.g.
     `StaticQuantConfig(smooth_quant=SmoothQuantConfig(alpha='auto'))`; `+N set_local` counts its rules
     (the last `skip_rules` are left out: autotune's own fallback rules, shown apart)."""
+    always = _ALWAYS_SHOWN.get(type(config).__name__, ())
     try:
         defaults = type(config)()
     except Exception:  # noqa: BLE001 - a config class without defaults: list every field
@@ -159,7 +165,8 @@ def config_summary(config, skip_rules: int = 0) -> str:
         if not config_field.init:
             continue
         value = getattr(config, config_field.name)
-        if defaults is not None and value == getattr(defaults, config_field.name, object()):
+        if defaults is not None and value == getattr(defaults, config_field.name, object()) \
+                and config_field.name not in always:
             continue
         shown = config_summary(value) if dataclasses.is_dataclass(value) else repr(value)
         parts.append(f"{config_field.name}={shown}")
@@ -318,7 +325,7 @@ class _Search:
         self.check_budget()
         reference = NumericReference(self.captured)
         want_ranking = self.tuning.fallback_layers != ()
-        with observe_passes(reference) if want_ranking else _no_context():
+        with observe_passes(reference) if want_ranking else contextlib.nullcontext():
             trial, qmodel = self.trial(index, _copy_config(config), ())
         ranking = []
         if not trial.passed and want_ranking:
@@ -374,14 +381,6 @@ class _Search:
                         "fallback", trial.index)
         log.info("autotune: trial %d, most damaged layers: %s", trial.index, ", ".join(ranking[:8]))
         return ranking
-
-
-class _no_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fallback_sizes(sizes: tuple | None, layer_count: int) -> list[int]:

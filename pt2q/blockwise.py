@@ -85,6 +85,25 @@ def segments(graph_module: GraphModule) -> list[Segment]:
     return result
 
 
+def merge_blocks(parts: list[Segment], per_unit: int) -> list[Segment]:
+    """Consecutive block segments joined `per_unit` at a time into one (named "first+...+last"), so an
+    algorithm treats them as one block (AutoRound's n_blocks). A run of blocks is never joined across
+    the nodes between two blocks."""
+    if per_unit <= 1:
+        return parts
+    merged: list[Segment] = []
+    count = 0
+    for part in parts:
+        if part.block is not None and merged and merged[-1].block is not None and count < per_unit:
+            last = merged[-1]
+            merged[-1] = Segment(f"{last.block}+{part.block}", last.nodes + part.nodes)
+            count += 1
+            continue
+        merged.append(Segment(part.block, list(part.nodes)))
+        count = 1
+    return merged
+
+
 def _bytes(values) -> int:
     return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
@@ -193,11 +212,11 @@ class SequentialRunner:
     keyword inputs) for `graph_module`, a pt2q capture."""
 
     def __init__(self, graph_module: GraphModule, batches: Iterable, *, progress: bool = True,
-                 desc: str = "pt2q blockwise", checkpoint_ratio: float = 1.0):
+                 desc: str = "pt2q blockwise", checkpoint_ratio: float = 1.0, blocks_per_unit: int = 1):
         self.gm = graph_module
         self.checkpoint_ratio = checkpoint_ratio
         self.progress, self.desc = progress, desc
-        self.segments = segments(graph_module)
+        self.segments = merge_blocks(segments(graph_module), blocks_per_unit)
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         self.env: dict[Node, list] = {node: [] for node in placeholders}
         for index, batch in enumerate(batches):

@@ -71,6 +71,7 @@ class WeightOnlyReport:
     float_bytes: int
     packed_bytes: int
     calibration_seconds: float
+    findings: dict = field(default_factory=dict)   # per algorithm: what it measured (AutoRound's block losses)
 
     def summary(self) -> str:
         ratio = self.float_bytes / max(self.packed_bytes, 1)
@@ -174,7 +175,15 @@ def _rtn(layer: Layer, weight: torch.Tensor) -> QuantizedWeight:
 
 # Calibration-free algorithms: config.algorithm -> how one layer's weight is quantized. A layer of a
 # sequential algorithm that no block holds (outside every block) falls back to round to nearest.
-LAYER_ALGORITHMS = {"rtn": _rtn}
+def _hqq(layer: Layer, weight: torch.Tensor) -> QuantizedWeight:
+    from .algorithms.hqq import hqq_quantize
+
+    config = layer.config
+    return hqq_quantize(weight, layer.fmt, iters=config.iters, lp_norm=config.lp_norm, beta=config.beta,
+                        kappa=config.kappa, early_stop=config.early_stop, fit_scale=config.fit_scale)
+
+
+LAYER_ALGORITHMS = {"rtn": _rtn, "hqq": _hqq}
 
 
 def _quantize_layer(layer: Layer, weight: torch.Tensor) -> QuantizedWeight:
@@ -291,14 +300,141 @@ def _apply_scales(edits: list[tuple[torch.Tensor, str]], scales: torch.Tensor) -
             tensor.data.mul_(s)
 
 
+def _absorb_groups(gm: GraphModule, plan_: WeightOnlyPlan) -> dict[frozenset, object]:
+    """The SmoothQuant absorb groups of the graph (passes/smooth_quant_groups.py) by the node names of their
+    consumers. Found once per plan, at the first block, before any block's layers are packed (AWQ and TEQ
+    both place their scales with them)."""
+    if "absorb_groups" not in plan_.state:
+        plan_.state["absorb_groups"] = _awq_groups(gm)
+    return {frozenset(c.name for c in g.consumers): g for g in plan_.state["absorb_groups"]}
+
+
+def _group_of(groups: dict[frozenset, object], stage: list[Node]):
+    """The absorb group whose consumers include all of `stage` (linears sharing an input), or None."""
+    names = {linear.name for linear in stage}
+    return next((g for consumers, g in groups.items() if names <= consumers), None)
+
+
+def _scale_placement(gm: GraphModule, group, block, references: collections.Counter
+                     ) -> tuple[list[tuple[torch.Tensor, str]], list[torch.Tensor | None], str]:
+    """Where a per-channel scale on `group` goes: (the tensors to fold it into, see _scaled_tensors - empty
+    when it needs an explicit input factor; the consumers' weight tensors, None for one shared with another
+    layer; why it is not folded)."""
+    edits, note = _scaled_tensors(gm, group, references)
+    # A producer outside this block already ran: its outputs are stored, so the scale cannot go there.
+    if edits and not ({group.producer, group.absorb_target} - {None}) <= set(block.segment.nodes):
+        edits, note = [], "the producer is outside this block"
+    return edits, [_single_use_constant(gm, c.args[1], references) for c in group.consumers], note
+
+
+def _place_scales(group, edits: list[tuple[torch.Tensor, str]], consumer_weights: list[torch.Tensor],
+                  scales: torch.Tensor, block, plan_: WeightOnlyPlan) -> None:
+    """Apply `scales` on `group` in place (exact in fp32): folded into `edits` when there are any, else the
+    consumers' input columns times `scales` and their inputs times `1/scales` - in `block.input_scales` for
+    the block's remaining runs, and in the graph as a `mul` at apply (passes/scale_linear_inputs.py)."""
+    if edits:
+        _apply_scales(edits, scales)
+        return
+    _apply_scales([(w, "mul_cols") for w in consumer_weights], scales)
+    for consumer in group.consumers:
+        block.input_scales[consumer.name] = 1 / scales
+    plan_.state.setdefault("awq_input_scales", {})[tuple(c.name for c in group.consumers)] = 1 / scales
+
+
+def _teq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
+    """TEQ (pt2q.algorithms.teq): the block's scales trained and placed (_teq_scales), then every TEQ layer
+    of the block rounded to nearest."""
+    _teq_scales(gm, block, layers, plan_)
+    for linear in block.linears:
+        if linear.name in layers:
+            qweight = rtn_quantize(get_constant(gm, linear.args[1]), layers[linear.name].fmt)
+            plan_.quantized[linear.name] = qweight
+            block.weights[linear.name] = qweight.dequantize()
+
+
+def _teq_scales(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
+    """A scale per input channel for each absorb group of the block's TEQ layers (`layers`), all trained
+    together on the block's output MSE - the block with weights Q(W s) and inputs x / s against the block
+    with its float weights, both on the same (quantized-stream) inputs - then placed like AWQ's scales
+    (_place_scales: folded, or explicit input factors). While training, every scale acts as an input factor
+    `1/s`, which equals folding it into the producer (a norm's weight, a previous linear's rows: row
+    scaling commutes with round to nearest when groups lie along the input dimension). The training
+    settings are those of the block's first TEQ layer's config; `plan_.state["teq"][block name]` records
+    the groups, scales and losses."""
+    from .algorithms.teq import fake_quantize, train_scales
+
+    start = time.perf_counter()
+    linears = [linear for linear in block.linears if linear.name in layers]
+    config = layers[linears[0].name].config
+    groups, references = _absorb_groups(gm, plan_), _attr_references(gm)
+    trainable: list[tuple] = []     # (group, edits, consumer weights)
+    for stage in _stages(block, layers):
+        group = _group_of(groups, stage)
+        modules = [layers[linear.name].module for linear in stage]
+        if group is None:
+            log.debug("teq %s: no absorb group found, round to nearest", modules)
+            continue
+        if any(group is g for g, _, _ in trainable):
+            continue
+        edits, consumer_weights, note = _scale_placement(gm, group, block, references)
+        # A consumer already quantized by another algorithm cannot take a scale on its float weight any more.
+        if any(w is None for w in consumer_weights) or any(
+                c.name not in layers and c.name in block.weights for c in group.consumers):
+            log.debug("teq %s: %s, round to nearest", modules, "a consumer's weight is shared or already quantized")
+            continue
+        trainable.append((group, edits, consumer_weights))
+        log.debug("teq %s: trained scale, %s", modules, "folded" if edits else f"explicit mul ({note})")
+    scaled = {c.name for group, _, _ in trainable for c in group.consumers}
+    fixed = {linear.name: rtn_quantize(get_constant(gm, linear.args[1]), layers[linear.name].fmt).dequantize()
+             for linear in linears if linear.name not in scaled}
+
+    samples, outputs = block.runner.samples, block.outputs
+    with torch.no_grad():   # the targets: the block with its float weights (and anything placed before TEQ)
+        targets = [block.forward(block.inputs(i), dict(block.weights), dict(block.input_scales))
+                   for i in range(samples)]
+    compared = [n for n in outputs if isinstance(targets[0][n], torch.Tensor) and targets[0][n].is_floating_point()]
+    if not compared:
+        raise CalibrationError(f"TEQ: block {block.name!r} has no float output to train its scales on")
+
+    def loss_with(scales: list[torch.Tensor]):
+        weights, input_scales = {**block.weights, **fixed}, dict(block.input_scales)
+        for (group, _, consumer_weights), s in zip(trainable, scales):
+            for consumer, weight in zip(group.consumers, consumer_weights):
+                weight = weight.detach() * s
+                weights[consumer.name] = (fake_quantize(weight, layers[consumer.name].fmt)
+                                          if consumer.name in layers else weight)
+                input_scales[consumer.name] = input_scales[consumer.name] / s if consumer.name in input_scales \
+                    else 1 / s
+
+        def loss_of(sample: int) -> torch.Tensor:
+            result = block.forward(block.inputs(sample), weights, input_scales)
+            return sum(torch.nn.functional.mse_loss(result[n], targets[sample][n]) for n in compared)
+        return loss_of
+
+    info = {"layers": [layers[linear.name].module for linear in linears],
+            "groups": [[module_fqn(c) or c.name for c in group.consumers] for group, _, _ in trainable]}
+    if trainable:
+        channels = [consumer_weights[0].shape[1] for _, _, consumer_weights in trainable]
+        result = train_scales(channels, loss_with, samples, steps=config.steps, lr=config.lr, seed=config.seed,
+                              progress=block.runner.progress, desc=f"pt2q teq {block.name}")
+        if result.kept:
+            for (group, edits, consumer_weights), scales in zip(trainable, result.scales):
+                _place_scales(group, edits, consumer_weights, scales, block, plan_)
+        info.update(rtn_loss=result.rtn_loss, trained_loss=result.trained_loss, kept=result.kept,
+                    folded=[bool(edits) for _, edits, _ in trainable], scales=result.scales, steps=result.steps)
+        log.info("teq %s: block output MSE %.4g (RTN) -> %.4g with the trained scales (%d steps, %d groups)%s",
+                 block.name, result.rtn_loss, result.trained_loss, result.steps, len(trainable),
+                 "" if result.kept else ": not lower, the block keeps s = 1 (RTN)")
+    info["seconds"] = time.perf_counter() - start
+    plan_.state.setdefault("teq", {})[block.name] = info
+
+
 def _awq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
     """Scales stage by stage on the float block (each stage's input recorded with the scales so far),
     then per-layer clip search, then quantization."""
     from .algorithms.awq import InputStatistics, awq_quantize, search_clip, search_scale
 
-    if "awq_groups" not in plan_.state:  # one analysis of the whole graph, before the first block
-        plan_.state["awq_groups"] = _awq_groups(gm)
-    groups = {frozenset(c.name for c in g.consumers): g for g in plan_.state["awq_groups"]}
+    groups = _absorb_groups(gm, plan_)
     samples = block.runner.samples
     inputs: dict[str, torch.Tensor] = {}
     for stage in _stages(block, layers):
@@ -306,27 +442,14 @@ def _awq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOn
         block.run({stage[0].name: sampler}, stop_after=stage[0])
         x = sampler.sample
         first = layers[stage[0].name]
-        group = next((g for names, g in groups.items() if {l.name for l in stage} <= names), None)
+        group = _group_of(groups, stage)
         note = "no absorb group found for these layers"
         if first.config.auto_scale and group is not None:
-            references = _attr_references(gm)
-            edits, note = _scaled_tensors(gm, group, references)
-            members = set(block.segment.nodes)
-            # A producer outside this block already ran: its outputs are stored, so the scale cannot go there.
-            if edits and not ({group.producer, group.absorb_target} - {None}) <= members:
-                edits, note = [], "the producer is outside this block"
-            consumer_weights = [_single_use_constant(gm, c.args[1], references) for c in group.consumers]
+            edits, consumer_weights, note = _scale_placement(gm, group, block, _attr_references(gm))
             if all(w is not None for w in consumer_weights):
                 scales, ratio, error, plain = search_scale(x, consumer_weights, first.fmt, x_mean=sampler.mean)
                 if ratio is not None:
-                    if edits:
-                        _apply_scales(edits, scales)
-                    else:  # explicit: inputs multiplied by 1/s (a `mul` in the graph), weights by s
-                        _apply_scales([(w, "mul_cols") for w in consumer_weights], scales)
-                        for consumer in group.consumers:
-                            block.input_scales[consumer.name] = 1 / scales
-                        plan_.state.setdefault("awq_input_scales", {})[
-                            tuple(c.name for c in group.consumers)] = 1 / scales
+                    _place_scales(group, edits, consumer_weights, scales, block, plan_)
                     x = x / scales
                 note = (f"r={ratio} ({'folded' if edits else 'explicit mul'})" if ratio is not None
                         else "s=1 (RTN was best)")
@@ -347,6 +470,81 @@ def _awq_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOn
         block.weights[linear.name] = qweight.dequantize()
 
 
+def _autoround_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: WeightOnlyPlan) -> None:
+    """Train the rounding of the block's AutoRound layers on its output error against the float block
+    (pt2q.algorithms.autoround). The float model's stream of block inputs is kept beside the quantized one
+    (`plan_.state["autoround_float"]`: the previous block's output nodes and their float values per sample),
+    so every block's targets are the float model's own outputs. The block's training settings are those
+    of its first AutoRound layer's config."""
+    from .algorithms.autoround import RoundingParameters, SampleStore, tune
+
+    linears = {linear.name: linear for linear in block.linears if linear.name in layers}
+    config = layers[next(iter(linears))].config
+    samples, outputs = block.runner.samples, block.outputs
+    previous_nodes, previous = plan_.state.get("autoround_float", ((), None))
+
+    def float_inputs(sample: int) -> dict:
+        inputs = block.inputs(sample)
+        if previous is not None:
+            values = dict(zip(previous_nodes, previous[sample]))
+            inputs = {node: values.get(node, value) for node, value in inputs.items()}
+        return inputs
+
+    # The float block on the float stream: the targets, and (use_quant_input=False) the inputs to train on.
+    targets = SampleStore(on_disk=config.low_mem)
+    float_block_inputs = None if config.use_quant_input else SampleStore(on_disk=config.low_mem)
+    input_nodes = list(block.inputs(0))
+    with torch.no_grad():
+        for sample in range(samples):
+            inputs = float_inputs(sample)
+            result = block.forward(inputs)
+            targets.append(tuple(result[node] for node in outputs))
+            if float_block_inputs is not None:
+                float_block_inputs.append(tuple(inputs[node] for node in input_nodes))
+    if previous is not None:
+        previous.close()
+    compared = [i for i, value in enumerate(targets[0]) if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    if not compared:
+        raise CalibrationError(f"AutoRound: block {block.name!r} has no float output to compare against the float model")
+
+    def loss_of(indices: list[int], weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        for sample in indices:
+            inputs = (block.inputs(sample) if float_block_inputs is None
+                      else dict(zip(input_nodes, float_block_inputs[sample])))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp):
+                result = block.forward(inputs, {**block.weights, **weights}, block.input_scales)
+            expected = targets[sample]
+            total = total + sum(torch.nn.functional.mse_loss(result[outputs[i]].float(), expected[i].float())
+                                for i in compared)
+        return total / len(indices)
+
+    parameters = {name: RoundingParameters(get_constant(gm, linear.args[1]), layers[name].fmt,
+                                           config.enable_minmax_tuning) for name, linear in linears.items()}
+    try:
+        with torch.enable_grad():
+            result = tune(parameters, loss_of, samples, config.tune_settings(), progress=block.runner.progress,
+                          desc=f"autoround {block.name}")
+    except FloatingPointError as error:
+        targets.close()
+        raise CalibrationError(f"AutoRound: block {block.name!r}: {error}; lower AutoRoundConfig.lr or check the "
+                               "calibration data") from error
+    finally:
+        if float_block_inputs is not None:
+            float_block_inputs.close()
+    for name, parameter in parameters.items():
+        qweight = parameter.quantized()
+        plan_.quantized[name] = qweight
+        block.weights[name] = qweight.dequantize()
+    plan_.state["autoround_float"] = (outputs, targets)   # the next block's float inputs
+    plan_.state.setdefault("autoround", {})[block.name] = {
+        "layers": [layers[name].module for name in linears], "initial_loss": result.initial_loss,
+        "final_loss": result.final_loss, "best_iteration": result.best_iteration, "iterations": result.iterations,
+        "seconds": result.seconds}
+    log.info("autoround %s: block loss %.4g -> %.4g (best at step %d of %d, %.1f s)", block.name, result.initial_loss,
+             result.final_loss, result.best_iteration, result.iterations, result.seconds)
+
+
 def _awq_groups(gm: GraphModule) -> list:
     from .passes.smooth_quant_groups import SmoothQuantGroups
 
@@ -355,11 +553,36 @@ def _awq_groups(gm: GraphModule) -> list:
     return [group for group in analysis.report if not group.skipped]
 
 
-BLOCK_ALGORITHMS = {"gptq": _gptq_block, "awq": _awq_block}
+BLOCK_ALGORITHMS = {"gptq": _gptq_block, "awq": _awq_block, "autoround": _autoround_block, "teq": _teq_block}
 
 
 def _block_algorithm(algorithm: str):
     return BLOCK_ALGORITHMS.get(algorithm, _layerwise_block)
+
+
+def _cut_sequences(graph_module: GraphModule, batches: list, seqlen: int) -> list:
+    """The batches with every 2-D tensor input (token ids, masks) cut to `seqlen` positions (AutoRound's
+    seqlen). Refused for a capture whose sequence length is static: its graph would not run shorter inputs."""
+    from .capture import normalize_inputs
+
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    static = [n.name for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 2
+              and isinstance(n.meta["val"].shape[1], int) and n.meta["val"].shape[1] != seqlen]
+    cut = []
+    for index, batch in enumerate(batches):
+        args, kwargs = normalize_inputs(batch)
+
+        def shorten(value):
+            return value[:, :seqlen] if isinstance(value, torch.Tensor) and value.dim() == 2 else value
+
+        longer = any(isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] > seqlen for v in (*args, *kwargs.values()))
+        if longer and static:
+            raise ConfigError(f"AutoRoundConfig.seqlen={seqlen}: calibration batch {index} is longer, but the model was "
+                              f"captured with a static sequence length (input {static[0]!r}): capture it with "
+                              "dynamic_shapes='batch_seq', or set seqlen=None and cut the calibration data yourself")
+        args, kwargs = tuple(shorten(a) for a in args), {k: shorten(v) for k, v in kwargs.items()}
+        cut.append(kwargs if not args else (args if not kwargs else (args, kwargs)))
+    return cut
 
 
 def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iterable, *,
@@ -379,9 +602,20 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
         raise CalibrationError("this model was already calibrated block by block (its weights are quantized and "
                                "AWQ's scales folded in); call pt2q.prepare() again to calibrate anew")
     start = time.perf_counter()
-    n_samples = config.n_samples if config.sequential else max(layer.config.n_samples for layer in sequential)
+    configs = [config] if config.sequential else [layer.config for layer in sequential]
+    limits = [c.n_samples for c in configs]
+    n_samples = None if None in limits else max(limits)  # AutoRound's None: every batch given
     batches = list(itertools.islice(iter(calib_data), n_samples))
-    runner = SequentialRunner(graph_module, batches, progress=progress, desc=f"pt2q {config.algorithm}")
+    for c in configs:
+        if c.algorithm == "autoround" and c.n_samples is not None and c.n_samples > len(batches):
+            raise CalibrationError(f"AutoRoundConfig.n_samples={c.n_samples} but calib_data has {len(batches)} batches: "
+                                   f"pass more calibration data or set n_samples <= {len(batches)} (None: all)")
+    seqlen = next((c.seqlen for c in configs if getattr(c, "seqlen", None) is not None), None)
+    if seqlen is not None:
+        batches = _cut_sequences(graph_module, batches, seqlen)
+    blocks_per_unit = max(getattr(c, "n_blocks", 1) for c in configs)
+    runner = SequentialRunner(graph_module, batches, progress=progress, desc=f"pt2q {config.algorithm}",
+                              blocks_per_unit=blocks_per_unit)
 
     def on_block(block) -> None:
         members = {linear.name for linear in block.linears}
@@ -398,7 +632,12 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
         # and the memory a model needs while it is quantized does not grow with its depth.
         _pack(graph_module, plan_, [linear.name for linear in block.linears if linear.name in plan_.quantized])
 
-    runner.run(on_block, after_block)
+    try:
+        runner.run(on_block, after_block)
+    finally:
+        _, float_stream = plan_.state.pop("autoround_float", (None, None))
+        if float_stream is not None:
+            float_stream.close()
     graph_module.graph.lint()
     graph_module.recompile()  # the blocks packed so far: the prepared model stays callable
     plan_.calibrated = True
@@ -431,8 +670,13 @@ def apply(graph_module: GraphModule, plan_: WeightOnlyPlan) -> WeightOnlyReport:
     plan_.packed.update(pack.report.layers)
     layers = {name: {**info, "module": plan_.layers[name].module, "algorithm": plan_.layers[name].config.algorithm}
               for name, info in plan_.packed.items()}
+    findings = {key: plan_.state[key] for key in REPORTED_FINDINGS if key in plan_.state}
     return WeightOnlyReport(layers, dict(plan_.kept_float), sum(i["float_bytes"] for i in layers.values()),
-                            sum(i["packed_bytes"] for i in layers.values()), plan_.calibration_seconds)
+                            sum(i["packed_bytes"] for i in layers.values()), plan_.calibration_seconds, findings)
+
+
+# plan.state entries that go into the report (the others hold graph objects for the algorithms' own use).
+REPORTED_FINDINGS = ("autoround", "awq_scales")
 
 
 def _pack(graph_module: GraphModule, plan_: WeightOnlyPlan, names: list[str]) -> None:

@@ -18,6 +18,7 @@ from tests.conftest import ModelSnapshot
 from tests.models import build
 
 autotune_module = sys.modules["pt2q.autotune"]  # pt2q.autotune is the function
+config_summary = autotune_module.config_summary
 
 
 def mlp():
@@ -374,6 +375,8 @@ def test_int8_tuning_config():
     assert configs[0] == pt2q.StaticQuantConfig()
     alphas = [c.smooth_quant.alpha for c in configs if getattr(c, "smooth_quant", None) is not None]
     assert alphas[:2] == [0.5, "auto"]
+    # the summary that names each trial tells the SmoothQuant entries apart, the default alpha included
+    assert config_summary(configs[1]) == "StaticQuantConfig(smooth_quant=SmoothQuantConfig(alpha=0.5))"
     assert any(getattr(c, "activation_observer", None) == "minmax" for c in configs)
     assert isinstance(configs[-1], pt2q.DynamicQuantConfig)
     assert all(c.backend == "xpu" for c in pt2q.get_int8_tuning_config(backend="xpu").config_set)
