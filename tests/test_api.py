@@ -236,7 +236,13 @@ def test_prepare_without_example_inputs(model):
 
 
 def test_prepare_rejects_non_config(model):
-    with pytest.raises(ConfigError, match="StaticQuantConfig, DynamicQuantConfig, WeightOnlyQuantConfig, RTNConfig, GPTQConfig, AWQConfig or FP8Config, got dict"):
+    import re
+
+    from pt2q.config import CONFIG_KINDS
+
+    names = [cls.__name__ for cls in CONFIG_KINDS.values()]   # every registered config, in registry order
+    assert {"StaticQuantConfig", "RTNConfig", "GPTQConfig", "AWQConfig", "FP8Config"} <= set(names)
+    with pytest.raises(ConfigError, match=re.escape(f"{', '.join(names[:-1])} or {names[-1]}, got dict")):
         pt2q.prepare(model, {"backend": "x86"}, _batch())
 
 

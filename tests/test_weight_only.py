@@ -541,3 +541,141 @@ def test_weight_only_quant_config_is_int8_per_channel(zoo):
     for name, weight in graph_weights(qmodel).items():
         assert torch.equal(weight, expected[name]), name
     assert rel_error(call(qmodel, zm.args), zm.run()) < 0.01
+
+
+# -- TEQ ----------------------------------------------------------------------------------------------------
+# Training steps per block and learning rate: enough on the tiny llama (4 calibration batches) to beat RTN clearly.
+TEQ_STEPS, TEQ_LR = 40, 5e-3
+
+
+def _teq(**fields) -> pt2q.TEQConfig:
+    return pt2q.TEQConfig(**{"bits": 4, "group_size": 32, "steps": TEQ_STEPS, "lr": TEQ_LR, **fields})
+
+
+@pytest.fixture(scope="module")
+def teq_run(llama, calib):
+    """TEQ of the tiny llama through prepare / calibrate / convert: the quantized model, the plan's record per
+    block (pt2q.weight_only._teq_scales), RTN of the same model, and whether the user's model stayed unchanged."""
+    snapshot = ModelSnapshot(llama.model)
+    prepared = pt2q.prepare(llama.model, _teq(), calib[0])
+    assert pt2q.calibrate(prepared, calib, progress=False) == len(calib)
+    record = prepared.meta[pt2q.api.WEIGHT_ONLY_PLAN_KEY].state["teq"]
+    qmodel = pt2q.convert(prepared)
+    try:
+        snapshot.assert_unchanged()
+        unchanged = True
+    except AssertionError as error:
+        unchanged = str(error)
+    rtn = pt2q.quantize(llama.model, RTNConfig(bits=4, group_size=32), example_inputs=llama.kwargs, progress=False)
+    return qmodel, record, rtn, unchanged
+
+
+def test_teq_quantizes_every_block_linear_with_explicit_muls_before_o_proj(teq_run, llama):
+    """14 dequantize nodes, the LM head float; q/k/v, gate/up and down fold their scales (into the norms and
+    up_proj), o_proj's cannot be absorbed (grouped-query attention) and becomes an explicit `mul` per block."""
+    qmodel, record, rtn, unchanged = teq_run
+    assert unchanged is True
+    assert sorted(dequantize_nodes(qmodel)) == sorted(LLAMA_LINEARS) and pt2q.count_quantized_layers(qmodel) == 14
+    assert fp32_weighted_layers(qmodel) == ["lm_head.weight"]
+    assert {info["algorithm"] for info in qmodel.meta[WEIGHT_ONLY_REPORT_KEY].layers.values()} == {"teq"}
+    for block in ("model.layers.0", "model.layers.1"):
+        assert record[block]["groups"] == [[f"{block}.{name}" for name in names] for names in (
+            LLAMA_BLOCK_LINEARS[:3], LLAMA_BLOCK_LINEARS[3:4], LLAMA_BLOCK_LINEARS[4:6], LLAMA_BLOCK_LINEARS[6:])]
+        assert record[block]["folded"] == [True, False, True, True]
+    capture = pt2q.capture(llama.model, (), llama.kwargs)
+    assert count_of(qmodel, aten.mul.Tensor) == count_of(capture, aten.mul.Tensor) + 2
+    scaled = {module_fqn(user) for mul in nodes_of(qmodel, aten.mul.Tensor) for user in mul.users
+              if isinstance(mul.args[1], torch.fx.Node) and "input_scale" in str(mul.args[1].target)}
+    assert sorted(scaled) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    rtn_weights, teq_weights = graph_weights(rtn), graph_weights(qmodel)
+    assert all(not torch.equal(teq_weights[name], rtn_weights[name]) for name in LLAMA_LINEARS)
+
+
+def test_teq_beats_rtn_on_its_calibration_data(teq_run, llama, calib):
+    """Every block's output MSE on the calibration batches falls with the trained scales (measured: to 0.63x
+    and 0.67x of RTN's), and so does the logits' relative error (measured 0.050 vs RTN's 0.070)."""
+    qmodel, record, rtn, _ = teq_run
+    for block in ("model.layers.0", "model.layers.1"):
+        assert record[block]["kept"] and record[block]["steps"] == TEQ_STEPS
+        assert record[block]["trained_loss"] < 0.8 * record[block]["rtn_loss"], block
+    assert model_error(llama, qmodel, calib) < 0.85 * model_error(llama, rtn, calib)
+    assert model_error(llama, qmodel, token_batches(2, seed=1)) < 0.15     # and it still works on other inputs
+
+
+def test_teq_folding_leaves_fp32_outputs_unchanged(llama, calib):
+    """The trained scales placed as TEQ places them (folded into the norms and up_proj, explicit muls before
+    o_proj) but no weight quantized: the graph still computes the float model, to 1e-5 relative error
+    (measured 1.6e-7: fp32 rounding of x / s and W s), while its weights have moved."""
+    from pt2q import weight_only
+    from pt2q.blockwise import SequentialRunner
+    from pt2q.passes.manager import PassManager
+    from pt2q.passes.scale_linear_inputs import ScaleLinearInputs
+
+    snapshot = ModelSnapshot(llama.model)
+    prepared = pt2q.prepare(llama.model, _teq(), calib[0])   # owns its tensors: the user's model stays as it is
+    plan_ = prepared.meta[pt2q.api.WEIGHT_ONLY_PLAN_KEY]
+
+    def train_and_place(block) -> None:
+        weight_only._teq_scales(prepared, block, {linear.name: plan_.layers[linear.name] for linear in block.linears
+                                                  if linear.name in plan_.layers}, plan_)
+
+    SequentialRunner(prepared, calib, progress=False).run(train_and_place)
+    PassManager([ScaleLinearInputs(plan_.state["awq_input_scales"])])(prepared)
+    snapshot.assert_unchanged()
+    scales = [s for info in plan_.state["teq"].values() for s in info["scales"]]
+    assert len(scales) == 8 and min((s - 1).abs().max().item() for s in scales) > 1e-2   # really trained
+    modules = dict(llama.model.named_modules())
+    moved = [name for name in LLAMA_LINEARS
+             if not torch.equal(get_constant(prepared, next(n for n in prepared.graph.nodes if n.op == "call_function"
+                                                            and module_fqn(n) == name).args[1]),
+                                modules[name].weight)]
+    assert sorted(moved) == sorted(LLAMA_LINEARS)
+    assert count_of(prepared, DEQUANTIZE_WEIGHT) == 0
+    for batch in [*calib, *token_batches(2, seed=6)]:
+        assert rel_error(call(prepared, kwargs=batch).logits, output(llama, llama.model, batch)) < 1e-5
+
+
+def test_teq_same_seed_same_weights(teq_run, llama, calib):
+    again = pt2q.quantize(llama.model, _teq(seed=0), calib, progress=False)
+    other = pt2q.quantize(llama.model, _teq(seed=1), calib, progress=False)
+    first, second, third = graph_weights(teq_run[0]), graph_weights(again), graph_weights(other)
+    assert all(torch.equal(first[name], second[name]) for name in LLAMA_LINEARS)
+    assert any(not torch.equal(first[name], third[name]) for name in LLAMA_LINEARS)   # the seed orders the batches
+
+
+def test_teq_save_load_round_trip(teq_run, tmp_path):
+    qmodel = teq_run[0]
+    pt2q.save(qmodel, tmp_path / "teq.pt2")
+    loaded = pt2q.load(tmp_path / "teq.pt2")
+    assert pt2q.count_quantized_layers(loaded) == 14
+    assert count_of(loaded, aten.mul.Tensor) == count_of(qmodel, aten.mul.Tensor)   # the explicit input scales too
+    for batch in token_batches(2, seed=5):
+        assert torch.equal(call(loaded, kwargs=batch).logits, call(qmodel, kwargs=batch).logits)
+
+
+@pytest.mark.parametrize(("field_name", "value", "match"), [
+    ("lr", 0.0, r"TEQConfig\.lr=0\.0 is not valid; valid: a learning rate in \(0, 1\]"),
+    ("lr", -1e-3, r"TEQConfig\.lr=-0\.001 is not valid"),
+    ("lr", "1e-3", r"TEQConfig\.lr='1e-3' is not valid"),
+    ("steps", -5, r"TEQConfig\.steps=-5 is not valid; valid: a positive number of training steps per block"),
+    ("steps", 0, r"TEQConfig\.steps=0 is not valid"),
+    ("steps", 2.5, r"TEQConfig\.steps must be an integer, got 2\.5"),
+    ("n_samples", 0, r"TEQConfig\.n_samples=0 is not valid; valid: a positive number of batches"),
+    ("seed", -1, r"TEQConfig\.seed=-1 is not valid; valid: an integer >= 0"),
+    ("group_dim", 0, r"TEQConfig\.group_dim must be 1"),
+    ("bits", 9, r"TEQConfig\.bits=9 is not valid; valid: an integer from 2 to 8"),
+])
+def test_teq_bad_fields_name_the_field(field_name, value, match, llama, calib):
+    with pytest.raises(ConfigError, match=match):
+        _teq(**{field_name: value})
+    config = _teq()
+    setattr(config, field_name, value)  # assigned after construction: checked again when used
+    _raises_unchanged(llama.model, ConfigError, match,
+                      lambda: pt2q.quantize(llama.model, config, calib, progress=False))
+
+
+def test_teq_needs_calib_data(llama):
+    _raises_unchanged(llama.model, CalibrationError, r"TEQConfig needs calib_data",
+                      lambda: pt2q.quantize(llama.model, _teq(), example_inputs=llama.kwargs, progress=False))
+    with pytest.raises(ConfigError, match=r"TEQConfig has no field 'learning_rate'; valid fields: .*\bsteps, lr\b"):
+        pt2q.TEQConfig(learning_rate=1e-3)
