@@ -16,8 +16,9 @@ consecutive columns share a scale (`group_size == -1`: one group per row).
   consecutive codes of a row fill `bits` bytes, least significant bits first, so 4-bit codes are two per
   byte (low nibble first), 2-bit four per byte, 8-bit one per byte, 3-bit 8 codes in 3 bytes.
 - `scale` (float32, `[rows, groups]`).
-- `zero_point` (uint8, `[rows, groups]`) or None: integer codes dequantize as `(code - zero_point) * scale`;
-  None means symmetric, zero point `2**(bits-1)`.
+- `zero_point` (`[rows, groups]`) or None: integer codes dequantize as `(code - zero_point) * scale`, in
+  float32; None means symmetric, zero point `2**(bits-1)`. uint8 for the integer zero points of RTN / GPTQ /
+  AWQ, float32 for HQQ's fitted ones (any real value, also outside the code range).
 - `code_table` (float32, `[2**bits]`) or None: codes index the table instead (NF4 / FP4): `table[code] * scale`.
 """
 from __future__ import annotations
@@ -74,9 +75,11 @@ def dequantize_grouped(codes: torch.Tensor, scale: torch.Tensor, zero_point: tor
     if code_table is not None:
         values = code_table.to(torch.float32)[codes]
     else:
-        zero = (torch.full_like(scale, 1 << (bits - 1), dtype=torch.int64) if zero_point is None
-                else zero_point.to(torch.int64))
-        values = (codes - zero.repeat_interleave(group, dim=1)).to(torch.float32)
+        # In float32: exact for integer zero points (small integers), and a float zero point (HQQ) is
+        # subtracted as it is.
+        zero = (torch.full_like(scale, 1 << (bits - 1), dtype=torch.float32) if zero_point is None
+                else zero_point.to(torch.float32))
+        values = codes.to(torch.float32) - zero.repeat_interleave(group, dim=1)
     scales = scale.to(torch.float32).repeat_interleave(group, dim=1)
     return values * scales
 

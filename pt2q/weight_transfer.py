@@ -177,7 +177,7 @@ def transfer_quantized_weights(source: GraphModule, target: GraphModule, *, pref
     layers = quantized_layers(source)
     if not layers:
         raise WeightTransferError("the source graph has no pt2q.dequantize_weight layer: quantize it with a "
-                                  "weight-only config (RTNConfig, GPTQConfig, AWQConfig) first")
+                                  "weight-only config (RTNConfig, HQQConfig, GPTQConfig, AWQConfig) first")
     with warnings.catch_warnings():
         # deep-copying an exported graph's pytree codegen trips a torch-internal LeafSpec deprecation
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",

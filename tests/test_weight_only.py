@@ -269,7 +269,7 @@ def test_set_local_regex_matching_nothing_warns(llama):
 
 
 def test_set_local_rejects_non_weight_only_configs():
-    with pytest.raises(ConfigError, match="RTNConfig, GPTQConfig, AWQConfig or None"):
+    with pytest.raises(ConfigError, match=r"takes .*RTNConfig, HQQConfig, GPTQConfig, AWQConfig.* or None per layer"):
         RTNConfig().set_local(".*", pt2q.DynamicQuantConfig())
 
 

@@ -67,7 +67,8 @@ class QuantizedWeight:
     codes: torch.Tensor            # uint8 [rows, padded_cols] (a code always fits a byte; int64 would take
                                    # twice the float weight's memory while a model is being quantized)
     scale: torch.Tensor            # float32 [rows, groups]
-    zero_point: torch.Tensor | None  # uint8 [rows, groups], None for symmetric / table formats
+    zero_point: torch.Tensor | None  # [rows, groups]: uint8 (RTN, GPTQ, AWQ) or float32 (HQQ's fitted zero
+                                     # points); None for symmetric / table formats
     fmt: WeightFormat
     shape: tuple[int, ...]         # the float weight's shape: [out, in], or a conv's [out, in, *kernel]
 
@@ -87,7 +88,7 @@ class QuantizedWeight:
 
     @property
     def num_bytes(self) -> int:
-        zero = 0 if self.zero_point is None else self.zero_point.numel()
+        zero = 0 if self.zero_point is None else self.zero_point.numel() * self.zero_point.element_size()
         return self.packed().numel() + self.scale.numel() * 4 + zero
 
 
@@ -155,8 +156,8 @@ def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero_point: torc
     """Float values of `codes`, with the same arithmetic as the graph op (pt2q.ops.dequantize_grouped)."""
     if fmt.code_table is not None:
         return fmt.code_table[codes] * scale
-    zero = (1 << (fmt.bits - 1)) if zero_point is None else zero_point.to(torch.int64)
-    return (codes - zero).to(torch.float32) * scale
+    zero = float(1 << (fmt.bits - 1)) if zero_point is None else zero_point.to(torch.float32)
+    return (codes.to(torch.float32) - zero) * scale
 
 
 def _codes_for(groups: torch.Tensor, fmt: WeightFormat, ratio):
