@@ -5,6 +5,7 @@ Registered through the `torch_dynamo_backends` entry point, so it works without 
 Options:
   mode          "dynamic" (default; int8 dynamic, no calibration), "weight_only" (int8 RTN weights),
                 "rtn" (RTNConfig: 4-bit weights, groups of 32, unless `config` says otherwise),
+                "hqq" (HQQConfig: 4-bit weights, groups of 64, fitted scales and float zero points),
                 "static" (the first `calib_steps` calls run with observers and return fp32 results,
                 then the subgraph is converted and every later call runs int8).
   calib_steps   calls used for static calibration (default 8).
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # The kinds of pt2q.config.CONFIG_KINDS that quantize a subgraph on its own; GPTQ and AWQ calibrate a
 # whole model block by block, which a Dynamo subgraph (graph breaks, recompiles) is not.
-_MODES = ("dynamic", "weight_only", "static", "rtn")
+_MODES = ("dynamic", "weight_only", "static", "rtn", "hqq")
 _OPTIONS = ("mode", "calib_steps", "config", "skip", "smooth_quant", "strict", "target")
 _TARGETS = ("cpu", "xpu", "fp8", "hpu", "auto")
 _FP8_MODES = ("static", "dynamic")  # FP8Config(activation=...)

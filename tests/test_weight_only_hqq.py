@@ -160,7 +160,12 @@ def test_default_group_size_is_64_and_too_wide_for_the_tiny_llama(llama):
 def test_registered_and_accepted_by_set_local():
     from pt2q.config import CONFIG_KINDS, config_class
 
+    from pt2q.dynamo_backend import BackendOptions
+
     assert CONFIG_KINDS["hqq"] is HQQConfig and config_class("HQQConfig") is HQQConfig
+    # calibration-free and per layer: the torch.compile backend can run it on each Dynamo subgraph
+    assert isinstance(BackendOptions.parse({"mode": "hqq"}).quant_config(), HQQConfig)
+    assert BackendOptions.parse({"config": HQQConfig(bits=3)}).mode == "hqq"
     assert HQQConfig().needs_calibration is False
     with pytest.raises(ConfigError, match=r"takes .*HQQConfig.* or None per layer"):
         RTNConfig().set_local(".*", pt2q.DynamicQuantConfig())
