@@ -33,8 +33,8 @@ Measured on real all-MiniLM-L6-v2 (its 37 linear weights, `tools/bench_hqq.py`),
   HQQ (float zero)       0.02394   0.00554   0.03152   0.00766
   HQQ, zero rounded      0.02818   0.00652   0.03457   0.00848   (uint8 zero, scale re-fitted to it)
 
-Whole model (37 weights, 10.8 M values, 1 thread, shared 2-core machine): HQQ W4 g32 0.76 s, the hqq
-package 1.65 s (W3 g32: 0.49 s / 2.02 s); RTN 0.09 s.
+Solving all 37 weights (10.8 M values; 1 thread on a shared 2-core machine, best of 3): HQQ 0.49 / 0.43 /
+0.65 / 0.56 s in the four formats above, the hqq package 1.54 / 1.46 / 2.06 / 2.16 s, RTN under 0.2 s.
 
 - Selection by squared error, not by the lp loss: keeping each group's lowest `sum |r|^0.7` instead gave
   0.02784 / 0.00606 (W3 / W4 g32, fit_scale=False), worse in squared and in absolute error.
