@@ -60,7 +60,7 @@ import torch
 
 from .rtn import QuantizedWeight, WeightFormat, _split, grouped
 
-__all__ = ["hqq_parameters", "hqq_quantize", "shrink_lp"]
+__all__ = ["hqq_parameters", "hqq_quantize", "shrink_is_zero_below", "shrink_lp"]
 
 # A fitted scale is used only when the group's codes vary (sum (q - mean q)^2 of integer codes is >= 1 - 1/n
 # when they do) and the fit is a positive step.
@@ -107,7 +107,7 @@ def hqq_parameters(groups: torch.Tensor, fmt: WeightFormat, *, iters: int = 20, 
     for iteration in range(iters + 1):
         step, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
         codes = torch.div(work, step).add_(z).round_().clamp_(0, top)
-        residual = torch.addcmul(work, codes - z, step, value=-1)   # w - (q - z) * s, as the graph computes it
+        residual = torch.addcmul(work, codes - z, step, value=-1)   # w - (q - z) * s
         error = torch.linalg.vecdot(residual, residual)
         previous = best_error if index is None else best_error[index]
         better = error < previous
