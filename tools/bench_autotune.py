@@ -47,14 +47,19 @@ def embedding_fidelity(reference_model, batches: list[dict]):
 
 def autotune_minilm(tolerable_loss: float = 0.004, max_trials: int | None = 10, timeout_s: float | None = 1800,
                     calib_sentences: int = 64, eval_sentences: int = 128, batch_size: int = 16,
-                    seq_len: int = 128, fallback_after: str = "each_config", verbose: bool = True) -> dict:
-    """Run pt2q.autotune on MiniLM with `get_int8_tuning_config` and return the figures as JSON data."""
+                    seq_len: int = 128, fallback_after: str = "each_config", verbose: bool = True,
+                    tuning: pt2q.TuningConfig | None = None) -> dict:
+    """Run pt2q.autotune on MiniLM with `get_int8_tuning_config` and return the figures as JSON data.
+
+    tuning: a TuningConfig to search instead (e.g. `pt2q.get_woq_tuning_config(...)`); its own
+    tolerable_loss, max_trials, timeout_s and fallback_after then apply, and those arguments are ignored."""
     tokenizer, model = demo.load_minilm()
     calib_texts, eval_texts = textdata.split(calib_sentences, eval_sentences)
     calib = demo.encode_batches(tokenizer, calib_texts, batch_size, seq_len)
     evaluation = demo.encode_batches(tokenizer, eval_texts, batch_size, seq_len)
-    tuning = pt2q.get_int8_tuning_config(tolerable_loss=tolerable_loss, max_trials=max_trials, timeout_s=timeout_s,
-                                         fallback_after=fallback_after)
+    if tuning is None:
+        tuning = pt2q.get_int8_tuning_config(tolerable_loss=tolerable_loss, max_trials=max_trials,
+                                             timeout_s=timeout_s, fallback_after=fallback_after)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         result = pt2q.autotune(model, tuning, embedding_fidelity(model, evaluation), calib, verbose=verbose)
@@ -62,7 +67,7 @@ def autotune_minilm(tolerable_loss: float = 0.004, max_trials: int | None = 10, 
             "calib_batches": len(calib), "eval_sentences": len(evaluation) * batch_size,
             "batch": [batch_size, seq_len], "threads": torch.get_num_threads(),
             "config_set": [config_summary(c) for c in tuning.config_set],
-            "max_trials": max_trials, "timeout_s": timeout_s, "fallback_after": fallback_after,
+            "max_trials": tuning.max_trials, "timeout_s": tuning.timeout_s, "fallback_after": tuning.fallback_after,
             "quantized_layers_of_chosen": pt2q.count_quantized_layers(result.model),
             "warnings": [str(w.message) for w in caught if str(w.message).startswith("pt2q.autotune")],
             **result.as_dict()}

@@ -1,4 +1,5 @@
-"""Weight-only quantization: pt2q's RTN / GPTQ / AWQ against torchao and Intel Neural Compressor.
+"""Weight-only quantization: pt2q's RTN / HQQ / GPTQ / AWQ / TEQ / AutoRound against torchao, Intel Neural
+Compressor, Intel's auto-round and the hqq package.
 
 Part 1, accuracy on the real all-MiniLM-L6-v2: every method sees the same calibration text (128 sentences
 in batches of 8 x 128 tokens) and is scored on the same 256 disjoint evaluation sentences, all in one
@@ -7,6 +8,25 @@ for pt2q, the `.pt2` archive size and the bytes of the packed linears. pt2q's mo
 (the dequantize path, exact to fp32 rounding); peers' models eagerly too. `pt2q_gptq` is the default
 GPTQConfig (the row the targets read); `pt2q_gptq_mse_clip` / `pt2q_gptq_no_mse_clip` set mse_clip either
 way (the one equal to the default is recorded as {"same_as": "pt2q_gptq"}, not run twice).
+Settings: W4 g32 sym / asym, W3 g32 asym / sym (W3 sym for AutoRound's W3 target; no INC rows there), W8
+per channel. Rows per setting, each peer right after the pt2q row it compares with:
+- `pt2q_rtn`, `pt2q_rtn_mse_clip`, `pt2q_gptq*`, `pt2q_awq` (with `inc_rtn` / `inc_gptq` / `inc_awq`);
+- `pt2q_hqq`: HQQConfig at the setting's bits and group size, always asymmetric (HQQ fits a float zero
+  point per group: sym settings run it with sym=False, said in the row's "note"); then `hqq_pkg`: the `hqq`
+  package's Quantizer.quantize(axis=1) + dequantize of the same linears (pt2q_hqq's report: the encoder's
+  and the pooler's, which the cosine does not read) in a copy of the model, the whole model timed;
+- `pt2q_teq`: TEQConfig, 200 training steps per block;
+- `pt2q_autoround`: AutoRoundConfig(iters=200, batch_size=1): a pt2q sample is one calibration batch (8
+  sentences), so each step trains on 8 sentences; then `autoround_pkg`: auto-round (`auto_round.AutoRound`
+  on a copy, fp32 with amp=False like pt2q, CPU) with the same 128 calibration sentences as its dataset
+  (the tokenized batches: nothing downloaded), seqlen 128, nsamples 128, batch_size 8, iters 200; its
+  quantize() leaves q/dq float weights, scored like the others; the row lists the linears it left float.
+--quick cuts AutoRound's iters and TEQ's steps to 4 (both packages alike).
+
+Autotune: one `pt2q.autotune` run on MiniLM (tools/bench_autotune.py's autotune_minilm, the same
+calibration / evaluation text) over `get_woq_tuning_config(bits=4, group_size=32)` (RTN, RTN mse_clip, HQQ,
+AWQ, GPTQ, TEQ, AutoRound; the trained ones at part 1's steps), every config before any fallback, tolerable
+loss --autotune-tolerable-loss of the mean cosine; its trial table is under "autotune_woq".
 
 Part 2, decode-step latency (one token, batch 1 and batch 8, no KV cache) of a LLaMA-shaped model with
 random weights (hidden 2048, MLP 5632, 2 layers, vocabulary 1024 so the float LM head stays small):
@@ -24,12 +44,16 @@ work, not the stalls), and part 2 is measured at each of `--decode-threads` (def
 The 1-minute load average is recorded beside the timings. Partial results are written to --out after
 every step (marked "partial": true) until the final JSON replaces them.
 
-Peers (torchao, neural-compressor-pt) are each guarded: one that is missing or crashes is recorded as
-{"error": ..., "traceback_tail": [...]} and the benchmark goes on. The acceptance figures are written
-under "targets" with whether this run meets them (informational, nothing is asserted).
+Peers (torchao, neural-compressor-pt, auto-round, hqq) are each guarded: one that is missing or crashes is
+recorded as {"error": ..., "traceback_tail": [...]} and the benchmark goes on (a pt2q row alike). The
+acceptance figures are written under "targets" with whether this run meets them (informational, nothing
+is asserted).
 
     .venv/bin/python tools/bench_weight_only.py --threads 1 --out /tmp/bench_weight_only.json
     .venv/bin/python tools/bench_weight_only.py --quick --out /tmp/quick.json   # smoke run
+    # one pair only (--methods takes shell-style patterns of row names), no decode part, no autotune:
+    .venv/bin/python tools/bench_weight_only.py --threads 1 --settings W4_g32_sym --skip-decode --skip-autotune \
+        --methods pt2q_autoround autoround_pkg --out /tmp/autoround_pair.json
 """
 from __future__ import annotations
 
@@ -37,6 +61,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import fnmatch
 import gc
 import logging
 import os
@@ -60,24 +85,38 @@ SETTINGS = {
     "W4_g32_sym": {"bits": 4, "group_size": 32, "sym": True},
     "W4_g32_asym": {"bits": 4, "group_size": 32, "sym": False},
     "W3_g32_asym": {"bits": 3, "group_size": 32, "sym": False},
+    "W3_g32_sym": {"bits": 3, "group_size": 32, "sym": True},
     "W8_perchannel_sym": {"bits": 8, "group_size": -1, "sym": True},
 }
+# method -> config factory (setting, n): n is the training steps of AutoRound / TEQ (200; --quick: 4)
 PT2Q_METHODS = {
-    "pt2q_rtn": lambda s: pt2q.RTNConfig(**s),
-    "pt2q_rtn_mse_clip": lambda s: pt2q.RTNConfig(**s, mse_clip=True),
-    "pt2q_gptq": lambda s: pt2q.GPTQConfig(**s),   # the default GPTQConfig: the row targets() reads
-    "pt2q_gptq_mse_clip": lambda s: pt2q.GPTQConfig(**s, mse_clip=True),
-    "pt2q_gptq_no_mse_clip": lambda s: pt2q.GPTQConfig(**s, mse_clip=False),
-    "pt2q_gptq_act_order": lambda s: pt2q.GPTQConfig(**s, act_order=True),
-    "pt2q_awq": lambda s: pt2q.AWQConfig(**s),
+    "pt2q_rtn": lambda s, n: pt2q.RTNConfig(**s),
+    "pt2q_rtn_mse_clip": lambda s, n: pt2q.RTNConfig(**s, mse_clip=True),
+    # HQQ fits a float zero point per group (HQQConfig.sym must be False): every setting runs it asymmetric,
+    # the sym ones too (HQQ_SYM_NOTE in their row); its group size is the setting's
+    "pt2q_hqq": lambda s, n: pt2q.HQQConfig(bits=s["bits"], group_size=s["group_size"], sym=False),
+    "pt2q_gptq": lambda s, n: pt2q.GPTQConfig(**s),   # the default GPTQConfig: the row targets() reads
+    "pt2q_gptq_mse_clip": lambda s, n: pt2q.GPTQConfig(**s, mse_clip=True),
+    "pt2q_gptq_no_mse_clip": lambda s, n: pt2q.GPTQConfig(**s, mse_clip=False),
+    "pt2q_gptq_act_order": lambda s, n: pt2q.GPTQConfig(**s, act_order=True),
+    "pt2q_awq": lambda s, n: pt2q.AWQConfig(**s),
+    "pt2q_teq": lambda s, n: pt2q.TEQConfig(**s, steps=n),
+    # a pt2q AutoRound sample is one calibration batch as given (8 sentences x 128 tokens): batch_size=1
+    # trains on 8 rows per step, as auto-round's batch_size=8 does (the autoround_pkg row)
+    "pt2q_autoround": lambda s, n: pt2q.AutoRoundConfig(**s, iters=n, batch_size=1),
 }
+HQQ_SYM_NOTE = ("HQQ is asymmetric (float32 zero point per group): this sym setting runs it with sym=False, "
+                "the setting's bits and group size; hqq_pkg likewise")
 # INC methods per setting (its 3.x API; W8 per channel: RTN only, as a reference point).
 INC_METHODS = {
     "W4_g32_sym": ("rtn", "gptq", "awq"),
     "W4_g32_asym": ("rtn", "gptq"),  # INC's AWQ takes ~15 min here: run at W4 sym and W3 asym only
     "W3_g32_asym": ("rtn", "gptq", "awq"),
     "W8_perchannel_sym": ("rtn",),
-}
+}  # none at W3_g32_sym (there for AutoRound's W3 target; W3_g32_asym has INC's rows)
+AUTOROUND_PKG_BATCH_ROWS = 8  # auto-round's batch_size (sentences per step), as pt2q_autoround's one batch
+# The weight-only autotune run: get_woq_tuning_config at this format, every config before any fallback
+AUTOTUNE_FORMAT = {"bits": 4, "group_size": 32}
 LLAMA_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 2,
                "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 1024,
                "max_position_embeddings": 128}
@@ -141,16 +180,22 @@ def archive_bytes(graph_module) -> int:
 # ---------------------------------------------------------------------------------------------- Part 1
 
 
-def run_pt2q(model, config, calib, evaluation) -> dict:
+def run_pt2q(model, config, calib, evaluation, keep: dict | None = None) -> dict:
+    """Quantize, time and score one pt2q config; `keep["layers"]` gets the quantized linears' module names."""
     with Clock() as clock:
         qmodel = pt2q.quantize(model, config, calib, progress=False)
     report = qmodel.meta.get("pt2q_weight_only_report")
+    modules = [] if report is None else [info.get("module", node) for node, info in report.layers.items()]
+    if keep is not None and report is not None:
+        keep["layers"] = modules
     figures = {**cosine_figures(model, qmodel, evaluation), **clock.figures(),
                "archive_bytes": archive_bytes(qmodel), "config": repr(config)}
     if report is not None:
         figures.update(packed_bytes=report.packed_bytes, float_bytes=report.float_bytes,
                        quantized_linears=len(report.layers), kept_float=len(report.kept_float),
                        calibration_s=report.calibration_seconds)
+        if config.algorithm == "hqq":
+            figures["quantized_layer_names"] = modules
     return figures
 
 
@@ -209,6 +254,74 @@ def run_inc(model, method: str, setting: dict, calib, evaluation) -> dict:
             if hasattr(config, "to_dict") else repr(config)}
 
 
+def linear_weights(model) -> dict:
+    return {name: module.weight.detach().clone() for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)}
+
+
+def run_autoround_pkg(model, tokenizer, setting: dict, calib, evaluation, iters: int, seq_len: int) -> dict:
+    """Intel's `auto-round` (SignRound) on a copy of the model: the same calibration batches (its dataset
+    given as the tokenized batches, so it reads no hub), fp32 (amp=False, as pt2q's default), CPU, its
+    defaults otherwise. Its quantize() leaves the fake-quantized (q/dq) float weights in the model."""
+    import auto_round
+    from auto_round import AutoRound
+
+    candidate = copy.deepcopy(model)
+    before = linear_weights(candidate)
+    rows = sum(batch["input_ids"].shape[0] for batch in calib)
+    logger = logging.getLogger("autoround")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # its per-block INFO lines
+    try:
+        with Clock() as clock:
+            compressor = AutoRound(candidate, tokenizer=tokenizer, bits=setting["bits"],
+                                   group_size=setting["group_size"], sym=setting["sym"], dataset=calib,
+                                   iters=iters, nsamples=rows, seqlen=seq_len, batch_size=AUTOROUND_PKG_BATCH_ROWS,
+                                   device_map="cpu", amp=False)
+            quantized, layer_config = compressor.quantize()
+    finally:
+        logger.setLevel(level)
+    after = linear_weights(quantized)
+    unquantized = [name for name, weight in before.items() if torch.equal(weight, after[name])]
+    first = next(iter(layer_config.values()), {}) if isinstance(layer_config, dict) else {}
+    return {**cosine_figures(model, quantized, evaluation), **clock.figures(),
+            "version": f"auto-round {auto_round.__version__}",
+            "config": {"bits": setting["bits"], "group_size": setting["group_size"], "sym": setting["sym"],
+                       "iters": iters, "nsamples": rows, "seqlen": seq_len, "batch_size": AUTOROUND_PKG_BATCH_ROWS,
+                       "amp": False, "device_map": "cpu",
+                       "enable_torch_compile": getattr(compressor, "enable_torch_compile", None),
+                       "scale_dtype": str(first.get("scale_dtype")) if isinstance(first, dict) else None},
+            "quantized_linears": len(before) - len(unquantized), "unquantized_layers": unquantized}
+
+
+def run_hqq_pkg(model, setting: dict, evaluation, layers: list | None) -> dict:
+    """The `hqq` package's quantize + dequantize (Quantizer, groups along the input dimension: axis=1, its
+    defaults otherwise: optimize=True, float zero points) of each weight in `layers`, in a copy."""
+    from importlib import metadata
+
+    from hqq.core.quantize import Quantizer
+
+    candidate = copy.deepcopy(model)
+    modules = dict(candidate.named_modules())
+    source = "the linears pt2q_hqq quantized (its report)"
+    if layers is None:
+        layers = [name for name, module in modules.items() if isinstance(module, torch.nn.Linear)]
+        source = "every nn.Linear (pt2q_hqq did not run)"
+    group_size = None if setting["group_size"] == -1 else setting["group_size"]  # None: one group per row
+    with Clock() as clock, torch.no_grad():
+        for name in layers:
+            weight = modules[name].weight
+            codes, meta = Quantizer.quantize(weight.detach().clone(), nbits=setting["bits"], group_size=group_size,
+                                             axis=1, bitpack=False, device="cpu", compute_dtype=torch.float32)
+            weight.copy_(Quantizer.dequantize(codes, meta).reshape(weight.shape))
+    return {**cosine_figures(model, candidate, evaluation), **clock.figures(),
+            "version": f"hqq {metadata.version('hqq')}",
+            "config": {"nbits": setting["bits"], "group_size": group_size, "axis": 1, "optimize": True,
+                       "round_zero": False, "compute_dtype": "float32"},
+            "quantized_linears": len(layers), "layers": source,
+            "layers_note": "the cosine reads last_hidden_state: the pooler (pooler.dense) is quantized, not scored"}
+
+
 def inc_version() -> str | None:
     from importlib import metadata
 
@@ -216,6 +329,11 @@ def inc_version() -> str | None:
         with contextlib.suppress(metadata.PackageNotFoundError):
             return f"{name} {metadata.version(name)}"
     return None
+
+
+def selected(args, method: str) -> bool:
+    """Whether --methods (shell-style patterns of row names; none given: every row) selects `method`."""
+    return not args.methods or any(fnmatch.fnmatchcase(method, pattern) for pattern in args.methods)
 
 
 def minilm_part(args, part: dict) -> dict:
@@ -245,20 +363,34 @@ def minilm_part(args, part: dict) -> dict:
         # Each peer runs right after the pt2q method it compares with (same algorithm), so that the
         # quantize times of a pair see about the same machine load.
         jobs = []
-        default_gptq = PT2Q_METHODS["pt2q_gptq"](setting)
+        steps = args.train_steps
+        default_gptq = PT2Q_METHODS["pt2q_gptq"](setting, steps)
+        hqq_layers: dict = {}  # the linears pt2q_hqq quantized: hqq_pkg quantizes the same
         for method, make_config in PT2Q_METHODS.items():
-            if method.startswith("pt2q_gptq_") and make_config(setting) == default_gptq:
+            if method.startswith("pt2q_gptq_") and make_config(setting, steps) == default_gptq:
                 # this variant is the default config: not run twice
                 jobs.append((method, lambda d=default_gptq: {"same_as": "pt2q_gptq", "config": repr(d)}))
                 continue
-            jobs.append((method, lambda make=make_config: run_pt2q(model, make(setting), calib, evaluation)))
             algorithm = method.removeprefix("pt2q_")
-            if not args.skip_peers and algorithm in INC_METHODS.get(name, ()):
+            keep = hqq_layers if algorithm == "hqq" else None
+            note = {"note": HQQ_SYM_NOTE} if algorithm == "hqq" and setting["sym"] else {}
+            jobs.append((method, lambda make=make_config, k=keep, n=note: {
+                **run_pt2q(model, make(setting, steps), calib, evaluation, keep=k), **n}))
+            if args.skip_peers:
+                continue
+            if algorithm in INC_METHODS.get(name, ()):
                 jobs.append((f"inc_{algorithm}", None if inc_ready is None else
                              lambda a=algorithm: run_inc(model, a, setting, calib, evaluation)))
+            if algorithm == "autoround":
+                jobs.append(("autoround_pkg", lambda: run_autoround_pkg(
+                    model, tokenizer, setting, calib, evaluation, steps, args.seq_len)))
+            if algorithm == "hqq":
+                jobs.append(("hqq_pkg", lambda: {**run_hqq_pkg(model, setting, evaluation, hqq_layers.get("layers")),
+                                                 **({"note": HQQ_SYM_NOTE} if setting["sym"] else {})}))
         if not args.skip_peers:
             for method, make_config in torchao_peers.get(name, {}).items():
                 jobs.append((method, lambda make=make_config: run_torchao(model, make(), evaluation)))
+        jobs = [(method, job) for method, job in jobs if selected(args, method)]
         for method, job in jobs:
             log(f"minilm {name} {method}")
             if job is None:
@@ -270,6 +402,33 @@ def minilm_part(args, part: dict) -> dict:
                 results[method] = failure(error)
             gc.collect()
             checkpoint()
+    return part
+
+
+def autotune_part(args, part: dict) -> dict:
+    """One pt2q.autotune run on MiniLM (tools/bench_autotune.py's autotune_minilm, on the same text as part
+    1) over get_woq_tuning_config at AUTOTUNE_FORMAT: every config first, then fallbacks of the best."""
+    import dataclasses
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_autotune
+
+    tuning = pt2q.get_woq_tuning_config(**AUTOTUNE_FORMAT, tolerable_loss=args.autotune_tolerable_loss,
+                                        max_trials=args.autotune_max_trials, timeout_s=args.autotune_timeout_s,
+                                        fallback_after="all_configs")
+    # the trained configs at the same steps as part 1's rows (AutoRound: one 8-sentence batch per step)
+    for index, config in enumerate(tuning.config_set):
+        if isinstance(config, pt2q.AutoRoundConfig):
+            tuning.config_set[index] = dataclasses.replace(config, iters=args.train_steps, batch_size=1)
+        elif isinstance(config, pt2q.TEQConfig):
+            tuning.config_set[index] = dataclasses.replace(config, steps=args.train_steps)
+    part["load_average_1min_at_start"] = load_average()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # autotune prints its trial table: stdout carries the JSON
+        part.update(bench_autotune.autotune_minilm(
+            calib_sentences=args.calib_sentences, eval_sentences=args.eval_sentences, batch_size=args.batch_size,
+            seq_len=args.seq_len, tuning=tuning))
+    part["wall_s"] = time.perf_counter() - start
     return part
 
 
@@ -489,6 +648,35 @@ def targets(results: dict) -> dict:
     best = max(w3, key=w3.get) if w3 else None
     out["minilm_W3_g32_asym_best_mean_cos>=0.95"] = {"best": best, "value": w3.get(best),
                                                      "met": None if best is None else w3[best] >= 0.95}
+    # AutoRound: accuracy above 0.99 and above our GPTQ's, in less time than auto-round's at the same
+    # iters and samples (both rows record them)
+    autoround = _get(minilm, "W4_g32_sym", "pt2q_autoround")
+    autoround_pkg = _get(minilm, "W4_g32_sym", "autoround_pkg")
+    ours, gptq_cos = _get(autoround, "mean_cos"), _get(gptq, "mean_cos")
+    out["minilm_W4_g32_sym_autoround_mean_cos>=0.99_and>gptq"] = {
+        "config": _get(autoround, "config"), "value": ours, "gptq": gptq_cos,
+        "met": None if None in (ours, gptq_cos) else ours >= 0.99 and ours > gptq_cos}
+    entry = out["minilm_W4_g32_sym_autoround_faster_than_auto_round"] = {
+        "auto_round_config": _get(autoround_pkg, "config"), "pt2q_mean_cos": ours,
+        "auto_round_mean_cos": _get(autoround_pkg, "mean_cos")}
+    for clock in ("quantize_s", "quantize_cpu_s"):
+        mine, theirs = _get(autoround, clock), _get(autoround_pkg, clock)
+        entry.update({f"pt2q_{clock}": mine, f"auto_round_{clock}": theirs,
+                      f"met{'_cpu' if 'cpu' in clock else ''}": None if None in (mine, theirs) else mine < theirs})
+    # HQQ: at least the hqq package's accuracy, in less time
+    hqq, hqq_pkg = _get(minilm, "W4_g32_sym", "pt2q_hqq"), _get(minilm, "W4_g32_sym", "hqq_pkg")
+    entry = out["minilm_W4_g32_sym_hqq_mean_cos>=hqq_pkg_and_faster"] = {
+        "note": HQQ_SYM_NOTE, "pt2q_mean_cos": _get(hqq, "mean_cos"), "hqq_pkg_mean_cos": _get(hqq_pkg, "mean_cos")}
+    for clock in ("quantize_s", "quantize_cpu_s"):
+        entry[f"pt2q_{clock}"], entry[f"hqq_pkg_{clock}"] = _get(hqq, clock), _get(hqq_pkg, clock)
+    figures = (entry["pt2q_mean_cos"], entry["hqq_pkg_mean_cos"], entry["pt2q_quantize_s"], entry["hqq_pkg_quantize_s"])
+    entry["met"] = None if None in figures else figures[0] >= figures[1] and figures[2] < figures[3]
+    w3_autoround = {}
+    for setting in ("W3_g32_sym", "W3_g32_asym"):
+        value = _get(minilm, setting, "pt2q_autoround", "mean_cos")
+        if value is not None:
+            w3_autoround[setting] = {"value": value, "met": value >= 0.97}
+    out["minilm_W3_g32_autoround_mean_cos>=0.97"] = w3_autoround
     for threads, runs in decode.items():
         if not threads.startswith("threads_"):
             continue
@@ -517,6 +705,14 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-peers", action="store_true", help="pt2q only (no torchao, no INC)")
     parser.add_argument("--skip-decode", action="store_true", help="skip part 2 (LLaMA decode latency)")
     parser.add_argument("--skip-minilm", action="store_true", help="skip part 1 (MiniLM accuracy)")
+    parser.add_argument("--skip-autotune", action="store_true", help="skip the weight-only autotune run on MiniLM")
+    parser.add_argument("--methods", nargs="+", metavar="PATTERN",
+                        help="part 1 rows to run, as shell-style patterns of their names (e.g. 'pt2q_autoround' "
+                             "'autoround_pkg', or '*hqq*'); default: every row")
+    parser.add_argument("--autotune-tolerable-loss", type=float, default=0.01,
+                        help="the autotune run's tolerable relative loss of mean cosine (0.01: cosine >= 0.99)")
+    parser.add_argument("--autotune-max-trials", type=int, default=10)
+    parser.add_argument("--autotune-timeout-s", type=float, default=3600)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads for part 1 (0: torch's default, all cores); 1 keeps a busy shared "
@@ -530,6 +726,7 @@ def main(argv=None) -> int:
     args.batch_size, args.seq_len = 8, 128
     args.calib_sentences, args.eval_sentences = (16, 16) if args.quick else (128, 256)
     args.rounds, args.runs = (2, 3) if args.quick else (7, 10)
+    args.train_steps = 4 if args.quick else 200  # AutoRound iters / TEQ steps, ours and auto-round's
 
     warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
     # torch.compile of many copies of one model class recompiles its forward per copy: without a higher
@@ -547,6 +744,16 @@ def main(argv=None) -> int:
         results["minilm_threads"] = torch.get_num_threads()
         minilm_part(args, results.setdefault("minilm", {}))
         torch.set_num_threads(default_threads)
+    if not args.skip_autotune:
+        torch.set_num_threads(args.threads or default_threads)
+        log("autotune: weight-only config set on MiniLM")
+        try:
+            autotune_part(args, results.setdefault("autotune_woq", {}))
+        except Exception as error:  # noqa: BLE001 - a crash is a result
+            results["autotune_woq"] = failure(error)
+        results["autotune_threads"] = torch.get_num_threads()
+        torch.set_num_threads(default_threads)
+        checkpoint()
     if not args.skip_decode:
         decode_part(args, results.setdefault("decode", {}))
     results["targets"] = targets(results)
