@@ -463,14 +463,17 @@ class AutoRoundConfig(_WeightOnlyConfig):
     n_blocks: consecutive blocks trained together as one unit. low_mem: keep AutoRound's cached float
         inputs and targets in a temporary directory instead of RAM. amp: run the block in bf16 autocast
         (the loss in fp32). seed: the sampler's seed; a fixed seed gives the same weights.
-    full_range: symmetric codes use -2**(bits-1) too (as RTNConfig.full_range).
+    full_range: symmetric codes use -2**(bits-1) too (as RTNConfig.full_range, whose default is False). On
+        by default here, as in the field: on real all-MiniLM-L6-v2, W4 g32 sym, 50 iterations, it raised the
+        mean / min cosine to fp32 from 0.98667 / 0.97356 to 0.98829 / 0.97817. iters=0 equals
+        RTNConfig(full_range=True) bit for bit, and RTNConfig() with full_range=False.
     """
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     dtype: str = "int"
-    full_range: bool = False
+    full_range: bool = True
     iters: int = 200
     lr: float | None = None
     minmax_lr: float | None = None
@@ -552,7 +555,10 @@ class TEQConfig(_WeightOnlyConfig):
     batches keeps s = 1 (plain RTN). Block by block, like GPTQ (pt2q.algorithms.teq).
 
     steps: training steps per block, one calibration batch each (shuffled passes over the batches).
-    lr: Adam's learning rate. n_samples: calibration batches used (the first n of calib_data).
+    lr: Adam's learning rate. On real all-MiniLM-L6-v2 at 4 bits, groups of 32, 16 calibration batches of
+        8 x 128 tokens, 200 steps: mean cosine to fp32 on held-out sentences 0.9708 / 0.9745 / 0.9762 /
+        0.9754 for lr 1e-3 / 5e-3 / 1e-2 / 2e-2 (RTN 0.9586); 100 steps at 1e-2: 0.9750 in half the time.
+    n_samples: calibration batches used (the first n of calib_data).
     seed: the order of the batches in training; a fixed seed gives the same weights.
     """
 
@@ -561,7 +567,7 @@ class TEQConfig(_WeightOnlyConfig):
     sym: bool = True
     dtype: str = "int"
     steps: int = 200
-    lr: float = 1e-3
+    lr: float = 1e-2
     n_samples: int = 128
     seed: int = 0
     group_dim: int = 1
