@@ -676,7 +676,7 @@ def apply(graph_module: GraphModule, plan_: WeightOnlyPlan) -> WeightOnlyReport:
 
 
 # plan.state entries that go into the report (the others hold graph objects for the algorithms' own use).
-REPORTED_FINDINGS = ("autoround", "awq_scales")
+REPORTED_FINDINGS = ("autoround", "awq_scales", "teq")
 
 
 def _pack(graph_module: GraphModule, plan_: WeightOnlyPlan, names: list[str]) -> None:

@@ -577,7 +577,9 @@ def test_teq_quantizes_every_block_linear_with_explicit_muls_before_o_proj(teq_r
     assert unchanged is True
     assert sorted(dequantize_nodes(qmodel)) == sorted(LLAMA_LINEARS) and pt2q.count_quantized_layers(qmodel) == 14
     assert fp32_weighted_layers(qmodel) == ["lm_head.weight"]
-    assert {info["algorithm"] for info in qmodel.meta[WEIGHT_ONLY_REPORT_KEY].layers.values()} == {"teq"}
+    report = qmodel.meta[WEIGHT_ONLY_REPORT_KEY]
+    assert {info["algorithm"] for info in report.layers.values()} == {"teq"}
+    assert report.findings["teq"] is record     # each block's groups, scales and losses
     for block in ("model.layers.0", "model.layers.1"):
         assert record[block]["groups"] == [[f"{block}.{name}" for name in names] for names in (
             LLAMA_BLOCK_LINEARS[:3], LLAMA_BLOCK_LINEARS[3:4], LLAMA_BLOCK_LINEARS[4:6], LLAMA_BLOCK_LINEARS[6:])]

@@ -126,15 +126,17 @@ def train_scales(channels: list[int], loss_with: Callable[[list[torch.Tensor]], 
     optimizer = torch.optim.Adam(parameters, lr=lr)
     recent: list[float] = []
     bar = tqdm(sample_order(samples, steps, seed), desc=desc, unit="step", leave=False, disable=not progress)
-    with torch.enable_grad():
-        for sample in bar:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_with(positive(parameters))(sample)
-            loss.backward()
-            optimizer.step()
-            recent = (recent + [loss.item()])[-16:]
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}")
-    bar.close()
+    try:
+        with torch.enable_grad():
+            for sample in bar:
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_with(positive(parameters))(sample)
+                loss.backward()
+                optimizer.step()
+                recent = (recent + [loss.item()])[-16:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}")
+    finally:
+        bar.close()
     trained = [t.detach() for t in positive(parameters)]
     trained_loss = _mean_loss(loss_with, trained, samples)
     kept = trained_loss < rtn_loss

@@ -118,3 +118,10 @@ def test_train_scales_keeps_ones_when_training_does_not_lower_the_loss():
     assert result.rtn_loss == pytest.approx(3.0)
     assert result.trained_loss > result.rtn_loss and not result.kept
     assert torch.equal(result.scales[0], torch.ones(3))
+
+
+def test_train_scales_progress_bar_shows_the_loss(capsys):
+    loss_with = _outlier_layer()[0]
+    train_scales([32], loss_with, 4, steps=5, lr=0.02, progress=True, desc="pt2q teq layers.0")
+    shown = capsys.readouterr().err
+    assert "pt2q teq layers.0" in shown and "/5 [" in shown and "loss=" in shown
