@@ -507,6 +507,19 @@ def _autoround_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: We
     if not compared:
         raise CalibrationError(f"AutoRound: block {block.name!r} has no float output to compare against the float model")
 
+    token_masks = plan_.state.get("autoround_token_mask")
+
+    def error(actual: torch.Tensor, expected: torch.Tensor, sample: int) -> torch.Tensor:
+        """Mean squared error, over the positions the batch's attention_mask keeps when the output is laid
+        out [batch, positions, ...] (padding is not what the model is for; the field masks it too)."""
+        squared = (actual.float() - expected.float()).pow(2)
+        mask = None if token_masks is None else token_masks[sample]
+        if mask is None or squared.dim() < 2 or tuple(squared.shape[:2]) != tuple(mask.shape):
+            return squared.mean()
+        weight = mask.to(squared.dtype).reshape(*mask.shape, *([1] * (squared.dim() - 2)))
+        per_position = squared[0, 0].numel()
+        return (squared * weight).sum() / (weight.sum() * per_position).clamp(min=1)
+
     def loss_of(indices: list[int], weights: dict[str, torch.Tensor]) -> torch.Tensor:
         total = 0.0
         for sample in indices:
@@ -515,8 +528,7 @@ def _autoround_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: We
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp):
                 result = block.forward(inputs, {**block.weights, **weights}, block.input_scales)
             expected = targets[sample]
-            total = total + sum(torch.nn.functional.mse_loss(result[outputs[i]].float(), expected[i].float())
-                                for i in compared)
+            total = total + sum(error(result[outputs[i]], expected[i], sample) for i in compared)
         return total / len(indices)
 
     parameters = {name: RoundingParameters(get_constant(gm, linear.args[1]), layers[name].fmt,
@@ -632,9 +644,16 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
         # and the memory a model needs while it is quantized does not grow with its depth.
         _pack(graph_module, plan_, [linear.name for linear in block.linears if linear.name in plan_.quantized])
 
+    if any(c.algorithm == "autoround" for c in configs):
+        # AutoRound leaves padded positions out of its loss: each batch's attention_mask, read here
+        # because the runner frees inputs once nothing reads them.
+        mask = next((n for n in runner.env if n.op == "placeholder" and n.name == "attention_mask"), None)
+        if mask is not None and all(isinstance(m, torch.Tensor) and m.dim() == 2 for m in runner.env[mask]):
+            plan_.state["autoround_token_mask"] = list(runner.env[mask])
     try:
         runner.run(on_block, after_block)
     finally:
+        plan_.state.pop("autoround_token_mask", None)
         _, float_stream = plan_.state.pop("autoround_float", (None, None))
         if float_stream is not None:
             float_stream.close()

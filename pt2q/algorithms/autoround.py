@@ -224,14 +224,33 @@ def _optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups)
 
 
-def sample_indices(settings: TuneSettings, samples: int, generator: torch.Generator, step: int) -> list[int]:
-    """The samples of one step: `batch_size` of them, random without replacement ("rand") or the next
-    ones in order, wrapping around ("fix")."""
-    size = min(settings.batch_size, samples)
-    if settings.sampler == "rand":
-        return torch.randperm(samples, generator=generator)[:size].tolist()
-    start = (step * size) % samples
-    return [(start + i) % samples for i in range(size)]
+class Sampler:
+    """The samples of each step: `batch_size` of them. "rand": epochs of a random permutation (from the
+    seed) taken `batch_size` at a time, so every sample is seen once per epoch; a step never holds one
+    sample twice (an epoch's leftover is topped up from the next permutation). "fix": the samples in
+    order, `batch_size` at a time, wrapping around."""
+
+    def __init__(self, settings: TuneSettings, samples: int):
+        self.settings, self.samples = settings, samples
+        self.size = min(settings.batch_size, samples)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.queue: list[int] = []
+        self.step = 0
+
+    def next(self) -> list[int]:
+        if self.settings.sampler == "fix":
+            start = (self.step * self.size) % self.samples
+            self.step += 1
+            return [(start + i) % self.samples for i in range(self.size)]
+        batch = self.queue[:self.size]
+        self.queue = self.queue[self.size:]
+        while len(batch) < self.size:
+            epoch = torch.randperm(self.samples, generator=self.generator).tolist()
+            missing = self.size - len(batch)
+            top_up = [i for i in epoch if i not in batch][:missing]
+            batch += top_up
+            self.queue = [i for i in epoch if i not in top_up]
+        return batch
 
 
 def tune(parameters: dict[str, RoundingParameters], loss_of: Callable[[list[int], dict[str, torch.Tensor]], torch.Tensor],
@@ -240,7 +259,7 @@ def tune(parameters: dict[str, RoundingParameters], loss_of: Callable[[list[int]
     block output error over those samples; leaves them at the best iterate (see the module docstring)."""
     start = time.perf_counter()
     layers = list(parameters.values())
-    generator = torch.Generator().manual_seed(settings.seed)
+    sampler = Sampler(settings, samples)
 
     def evaluate(indices: list[int]) -> torch.Tensor:
         return loss_of(indices, {name: p.fake_quantized() for name, p in parameters.items()})
@@ -264,9 +283,8 @@ def tune(parameters: dict[str, RoundingParameters], loss_of: Callable[[list[int]
     try:
         for iteration in range(settings.iters):
             total = 0.0
-            for accumulation in range(settings.gradient_accumulate_steps):
-                indices = sample_indices(settings, samples, generator,
-                                         iteration * settings.gradient_accumulate_steps + accumulation)
+            for _ in range(settings.gradient_accumulate_steps):
+                indices = sampler.next()
                 loss = evaluate(indices) / settings.gradient_accumulate_steps
                 loss.backward()
                 total += float(loss.detach())

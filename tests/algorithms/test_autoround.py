@@ -12,7 +12,7 @@ import torch
 
 import pt2q
 from pt2q import AutoRoundConfig, CalibrationError, ConfigError, RTNConfig
-from pt2q.algorithms.autoround import RoundingParameters, TuneSettings, round_ste, sample_indices, tune
+from pt2q.algorithms.autoround import RoundingParameters, Sampler, TuneSettings, round_ste, tune
 from pt2q.algorithms.rtn import WeightFormat, rtn_quantize
 from pt2q.api import WEIGHT_ONLY_REPORT_KEY
 from pt2q.graph import get_constant
@@ -176,12 +176,17 @@ def test_dynamic_max_gap_stops_without_improvement():
 
 
 def test_samplers():
-    gen = torch.Generator().manual_seed(0)
-    fixed = [sample_indices(TuneSettings(batch_size=3, sampler="fix"), 5, gen, step) for step in range(3)]
-    assert fixed == [[0, 1, 2], [3, 4, 0], [1, 2, 3]]
-    drawn = [sample_indices(TuneSettings(batch_size=3), 5, gen, step) for step in range(20)]
-    assert all(len(set(d)) == 3 and set(d) <= set(range(5)) for d in drawn) and len({tuple(d) for d in drawn}) > 1
-    assert sample_indices(TuneSettings(batch_size=9), 5, gen, 0).__len__() == 5
+    fixed = Sampler(TuneSettings(batch_size=3, sampler="fix"), 5)
+    assert [fixed.next() for _ in range(3)] == [[0, 1, 2], [3, 4, 0], [1, 2, 3]]
+    drawn = Sampler(TuneSettings(batch_size=2, seed=1), 6)
+    epochs = [sorted(sum((drawn.next() for _ in range(3)), [])) for _ in range(4)]
+    assert all(epoch == list(range(6)) for epoch in epochs)     # each epoch sees every sample once
+    uneven = Sampler(TuneSettings(batch_size=4, seed=2), 6)
+    steps = [uneven.next() for _ in range(30)]
+    assert all(len(set(step)) == 4 for step in steps) and len({tuple(s) for s in steps}) > 1
+    assert Sampler(TuneSettings(batch_size=9), 5).next().__len__() == 5
+    again = Sampler(TuneSettings(batch_size=4, seed=2), 6)
+    assert [again.next() for _ in range(30)] == steps
 
 
 # -- through pt2q.quantize ----------------------------------------------------------------------------------
@@ -250,6 +255,29 @@ def test_training_options_still_lower_the_block_loss(llama, calib, fields):
     qmodel = quantize(llama, AutoRoundConfig(bits=3, group_size=16, iters=20, batch_size=2, **fields), calib)
     for block in findings(qmodel).values():
         assert block["final_loss"] < block["initial_loss"]
+
+
+def test_padded_positions_are_left_out_of_the_loss(llama, calib):
+    """Right-padded batches (attention_mask 0 on the last positions) that differ only in the padded token
+    ids: the causal llama's outputs differ only at padded positions, which the loss skips - same weights
+    and losses. Without a mask, the loss would see the difference."""
+    def padded(ids_seed: int) -> list[dict]:
+        batches = token_batches(4, seed=5)
+        gen = torch.Generator().manual_seed(ids_seed)
+        for batch in batches:
+            batch["attention_mask"][:, -4:] = 0
+            batch["input_ids"][:, -4:] = torch.randint(3, VOCAB_SIZE, (2, 4), generator=gen)
+        return batches
+
+    config = AutoRoundConfig(bits=3, group_size=16, iters=6, batch_size=2)
+    first, second = quantize(llama, config, padded(1)), quantize(llama, config, padded(2))
+    assert same_weights(first, second)
+    losses = [[(block["initial_loss"], block["final_loss"]) for block in findings(q).values()] for q in (first, second)]
+    assert losses[0] == losses[1]
+    unmasked = [dict(b, attention_mask=torch.ones_like(b["attention_mask"])) for b in padded(1)]
+    other = [dict(b, attention_mask=torch.ones_like(b["attention_mask"])) for b in padded(2)]
+    a, b = quantize(llama, config, unmasked), quantize(llama, config, other)
+    assert findings(a)["model.layers.0"]["initial_loss"] != findings(b)["model.layers.0"]["initial_loss"]
 
 
 def test_set_local_mixes_autoround_with_other_layers(llama, calib):
