@@ -104,6 +104,9 @@ PT2Q_METHODS = {
     # a pt2q AutoRound sample is one calibration batch as given (8 sentences x 128 tokens): batch_size=1
     # trains on 8 rows per step, as auto-round's batch_size=8 does (the autoround_pkg row)
     "pt2q_autoround": lambda s, n: pt2q.AutoRoundConfig(**s, iters=n, batch_size=1),
+    # the same in bf16 autocast (amp=True); its peer is autoround_pkg_bf16, auto-round's own default on a
+    # CPU with bf16 (amp=True casts the block to bf16)
+    "pt2q_autoround_bf16": lambda s, n: pt2q.AutoRoundConfig(**s, iters=n, batch_size=1, amp=True),
 }
 HQQ_SYM_NOTE = ("HQQ is asymmetric (float32 zero point per group): this sym setting runs it with sym=False, "
                 "the setting's bits and group size; hqq_pkg likewise")
@@ -259,10 +262,12 @@ def linear_weights(model) -> dict:
             if isinstance(module, torch.nn.Linear)}
 
 
-def run_autoround_pkg(model, tokenizer, setting: dict, calib, evaluation, iters: int, seq_len: int) -> dict:
+def run_autoround_pkg(model, tokenizer, setting: dict, calib, evaluation, iters: int, seq_len: int,
+                      amp: bool = False) -> dict:
     """Intel's `auto-round` (SignRound) on a copy of the model: the same calibration batches (its dataset
-    given as the tokenized batches, so it reads no hub), fp32 (amp=False, as pt2q's default), CPU, its
-    defaults otherwise. Its quantize() leaves the fake-quantized (q/dq) float weights in the model."""
+    given as the tokenized batches, so it reads no hub), fp32 (amp=False, as pt2q's default) or its own
+    default amp=True (bf16 on a CPU with bf16), CPU, its defaults otherwise. Its quantize() leaves the
+    fake-quantized (q/dq) float weights in the model."""
     import auto_round
     from auto_round import AutoRound
 
@@ -277,10 +282,13 @@ def run_autoround_pkg(model, tokenizer, setting: dict, calib, evaluation, iters:
             compressor = AutoRound(candidate, tokenizer=tokenizer, bits=setting["bits"],
                                    group_size=setting["group_size"], sym=setting["sym"], dataset=calib,
                                    iters=iters, nsamples=rows, seqlen=seq_len, batch_size=AUTOROUND_PKG_BATCH_ROWS,
-                                   device_map="cpu", amp=False)
+                                   device_map="cpu", amp=amp)
             quantized, layer_config = compressor.quantize()
     finally:
         logger.setLevel(level)
+    quantized = quantized.float()  # amp=True leaves the model in bf16: scored in fp32 like every other row
+    if amp:  # a layer left unquantized then differs from the original only by the bf16 cast
+        before = {name: weight.to(torch.bfloat16).float() for name, weight in before.items()}
     after = linear_weights(quantized)
     unquantized = [name for name, weight in before.items() if torch.equal(weight, after[name])]
     first = next(iter(layer_config.values()), {}) if isinstance(layer_config, dict) else {}
@@ -288,7 +296,7 @@ def run_autoround_pkg(model, tokenizer, setting: dict, calib, evaluation, iters:
             "version": f"auto-round {auto_round.__version__}",
             "config": {"bits": setting["bits"], "group_size": setting["group_size"], "sym": setting["sym"],
                        "iters": iters, "nsamples": rows, "seqlen": seq_len, "batch_size": AUTOROUND_PKG_BATCH_ROWS,
-                       "amp": False, "device_map": "cpu",
+                       "amp": amp, "device_map": "cpu",
                        "enable_torch_compile": getattr(compressor, "enable_torch_compile", None),
                        "scale_dtype": str(first.get("scale_dtype")) if isinstance(first, dict) else None},
             "quantized_linears": len(before) - len(unquantized), "unquantized_layers": unquantized}
@@ -381,9 +389,10 @@ def minilm_part(args, part: dict) -> dict:
             if algorithm in INC_METHODS.get(name, ()):
                 jobs.append((f"inc_{algorithm}", None if inc_ready is None else
                              lambda a=algorithm: run_inc(model, a, setting, calib, evaluation)))
-            if algorithm == "autoround":
-                jobs.append(("autoround_pkg", lambda: run_autoround_pkg(
-                    model, tokenizer, setting, calib, evaluation, steps, args.seq_len)))
+            if algorithm in ("autoround", "autoround_bf16"):
+                amp = algorithm == "autoround_bf16"
+                jobs.append((f"autoround_pkg{'_bf16' if amp else ''}", lambda amp=amp: run_autoround_pkg(
+                    model, tokenizer, setting, calib, evaluation, steps, args.seq_len, amp=amp)))
             if algorithm == "hqq":
                 jobs.append(("hqq_pkg", lambda: {**run_hqq_pkg(model, setting, evaluation, hqq_layers.get("layers")),
                                                  **({"note": HQQ_SYM_NOTE} if setting["sym"] else {})}))
