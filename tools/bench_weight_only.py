@@ -660,18 +660,20 @@ def targets(results: dict) -> dict:
     # AutoRound: accuracy above 0.99 and above our GPTQ's, in less time than auto-round's at the same
     # iters and samples (both rows record them)
     autoround = _get(minilm, "W4_g32_sym", "pt2q_autoround")
-    autoround_pkg = _get(minilm, "W4_g32_sym", "autoround_pkg")
     ours, gptq_cos = _get(autoround, "mean_cos"), _get(gptq, "mean_cos")
     out["minilm_W4_g32_sym_autoround_mean_cos>=0.99_and>gptq"] = {
         "config": _get(autoround, "config"), "value": ours, "gptq": gptq_cos,
         "met": None if None in (ours, gptq_cos) else ours >= 0.99 and ours > gptq_cos}
-    entry = out["minilm_W4_g32_sym_autoround_faster_than_auto_round"] = {
-        "auto_round_config": _get(autoround_pkg, "config"), "pt2q_mean_cos": ours,
-        "auto_round_mean_cos": _get(autoround_pkg, "mean_cos")}
-    for clock in ("quantize_s", "quantize_cpu_s"):
-        mine, theirs = _get(autoround, clock), _get(autoround_pkg, clock)
-        entry.update({f"pt2q_{clock}": mine, f"auto_round_{clock}": theirs,
-                      f"met{'_cpu' if 'cpu' in clock else ''}": None if None in (mine, theirs) else mine < theirs})
+    for suffix in ("", "_bf16"):   # fp32 against fp32, and bf16 autocast against auto-round's CPU default
+        mine_row, their_row = (_get(minilm, "W4_g32_sym", f"pt2q_autoround{suffix}"),
+                               _get(minilm, "W4_g32_sym", f"autoround_pkg{suffix}"))
+        entry = out[f"minilm_W4_g32_sym_autoround{suffix}_faster_than_auto_round{suffix}"] = {
+            "auto_round_config": _get(their_row, "config"), "pt2q_mean_cos": _get(mine_row, "mean_cos"),
+            "auto_round_mean_cos": _get(their_row, "mean_cos")}
+        for clock in ("quantize_s", "quantize_cpu_s"):
+            mine, theirs = _get(mine_row, clock), _get(their_row, clock)
+            entry.update({f"pt2q_{clock}": mine, f"auto_round_{clock}": theirs,
+                          f"met{'_cpu' if 'cpu' in clock else ''}": None if None in (mine, theirs) else mine < theirs})
     # HQQ: at least the hqq package's accuracy, in less time
     hqq, hqq_pkg = _get(minilm, "W4_g32_sym", "pt2q_hqq"), _get(minilm, "W4_g32_sym", "hqq_pkg")
     entry = out["minilm_W4_g32_sym_hqq_mean_cos>=hqq_pkg_and_faster"] = {
