@@ -345,3 +345,36 @@ def test_save_load_round_trip(llama, calib, tmp_path):
     pt2q.save(qmodel, path)
     loaded = pt2q.load(path)
     torch.testing.assert_close(logits(loaded, llama.kwargs), logits(qmodel, llama.kwargs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(4, 32, True, full_range=True), WeightFormat(3, 16, False),
+                                 WeightFormat(4, 32, True)], ids=["sym_full", "asym", "sym"])
+def test_fused_fake_quantization_matches_the_composed_ops_and_their_gradients(fmt):
+    """The one-function fake quantization against the same formula written with torch ops (autograd)."""
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(12, 64, generator=gen)
+    rounding = RoundingParameters(weight, fmt)
+    with torch.no_grad():
+        rounding.value.uniform_(-0.5, 0.5, generator=gen)
+        rounding.min_scale.uniform_(0.6, 1.0, generator=gen)
+        rounding.max_scale.uniform_(0.6, 1.0, generator=gen)
+    upstream = torch.randn(12, 64, generator=gen)
+
+    def composed():
+        scale, zero_point = rounding._parameters()
+        return (rounding._levels(scale, zero_point) * scale.unsqueeze(-1)).reshape(12, -1)
+
+    results = []
+    for function in (rounding.fake_quantized, composed):
+        for tensor in (rounding.value, rounding.min_scale, rounding.max_scale):
+            tensor.grad = None
+        out = function()
+        (out * upstream).sum().backward()
+        results.append((out.detach(), rounding.value.grad.clone(), rounding.min_scale.grad.clone(),
+                        rounding.max_scale.grad.clone()))
+    fused, reference = results
+    assert torch.equal(fused[0], reference[0])
+    for got, expected in zip(fused[1:], reference[1:]):
+        # the group sums add in another order: equal to float32 rounding of the largest gradient
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+        assert expected.abs().sum() > 0
