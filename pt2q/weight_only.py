@@ -509,7 +509,7 @@ def _autoround_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: We
 
     token_masks = plan_.state.get("autoround_token_mask")
 
-    def error(actual: torch.Tensor, expected: torch.Tensor, sample: int) -> torch.Tensor:
+    def output_error(actual: torch.Tensor, expected: torch.Tensor, sample: int) -> torch.Tensor:
         """Mean squared error, over the positions the batch's attention_mask keeps when the output is laid
         out [batch, positions, ...] (padding is not what the model is for; the field masks it too)."""
         squared = (actual.float() - expected.float()).pow(2)
@@ -528,7 +528,7 @@ def _autoround_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: We
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp):
                 result = block.forward(inputs, {**block.weights, **weights}, block.input_scales)
             expected = targets[sample]
-            total = total + sum(error(result[outputs[i]], expected[i], sample) for i in compared)
+            total = total + sum(output_error(result[outputs[i]], expected[i], sample) for i in compared)
         return total / len(indices)
 
     parameters = {name: RoundingParameters(get_constant(gm, linear.args[1]), layers[name].fmt,

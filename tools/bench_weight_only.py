@@ -20,7 +20,11 @@ per channel. Rows per setting, each peer right after the pt2q row it compares wi
   sentences), so each step trains on 8 sentences; then `autoround_pkg`: auto-round (`auto_round.AutoRound`
   on a copy, fp32 with amp=False like pt2q, CPU) with the same 128 calibration sentences as its dataset
   (the tokenized batches: nothing downloaded), seqlen 128, nsamples 128, batch_size 8, iters 200; its
-  quantize() leaves q/dq float weights, scored like the others; the row lists the linears it left float.
+  quantize() leaves q/dq float weights, scored like the others; the row lists the linears it left float;
+- `pt2q_autoround_bf16` / `autoround_pkg_bf16`: the same pair in bf16 (pt2q amp=True: bf16 autocast;
+  auto-round amp=True, its CPU default: the block cast to bf16), both scored in fp32.
+The trained rows run at the settings their targets read (TRAINED_SETTINGS: TEQ and the bf16 pair at
+W4_g32_sym, AutoRound at W4_g32_sym and both W3 settings); --trained-everywhere runs them at every setting.
 --quick cuts AutoRound's iters and TEQ's steps to 4 (both packages alike).
 
 Autotune: one `pt2q.autotune` run on MiniLM (tools/bench_autotune.py's autotune_minilm, the same
@@ -107,6 +111,13 @@ PT2Q_METHODS = {
     # the same in bf16 autocast (amp=True); its peer is autoround_pkg_bf16, auto-round's own default on a
     # CPU with bf16 (amp=True casts the block to bf16)
     "pt2q_autoround_bf16": lambda s, n: pt2q.AutoRoundConfig(**s, iters=n, batch_size=1, amp=True),
+}
+# The trained algorithms take minutes per run (200 steps per block): they run at the settings their
+# targets read, unless --trained-everywhere (AutoRound's peers follow their pt2q row).
+TRAINED_SETTINGS = {
+    "pt2q_teq": ("W4_g32_sym",),
+    "pt2q_autoround": ("W4_g32_sym", "W3_g32_sym", "W3_g32_asym"),
+    "pt2q_autoround_bf16": ("W4_g32_sym",),
 }
 HQQ_SYM_NOTE = ("HQQ is asymmetric (float32 zero point per group): this sym setting runs it with sym=False, "
                 "the setting's bits and group size; hqq_pkg likewise")
@@ -379,6 +390,8 @@ def minilm_part(args, part: dict) -> dict:
                 # this variant is the default config: not run twice
                 jobs.append((method, lambda d=default_gptq: {"same_as": "pt2q_gptq", "config": repr(d)}))
                 continue
+            if method in TRAINED_SETTINGS and name not in TRAINED_SETTINGS[method] and not args.trained_everywhere:
+                continue  # (see TRAINED_SETTINGS)
             algorithm = method.removeprefix("pt2q_")
             keep = hqq_layers if algorithm == "hqq" else None
             note = {"note": HQQ_SYM_NOTE} if algorithm == "hqq" and setting["sym"] else {}
@@ -725,6 +738,8 @@ def main(argv=None) -> int:
     parser.add_argument("--autotune-max-trials", type=int, default=10)
     parser.add_argument("--autotune-timeout-s", type=float, default=3600)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--trained-everywhere", action="store_true",
+                        help="run TEQ / AutoRound (and auto-round) at every setting, not only those in TRAINED_SETTINGS")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads for part 1 (0: torch's default, all cores); 1 keeps a busy shared "
                              "machine's OpenMP stalls out of the quantize times")
