@@ -525,7 +525,8 @@ def _autoround_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: We
         for sample in indices:
             inputs = (block.inputs(sample) if float_block_inputs is None
                       else dict(zip(input_nodes, float_block_inputs[sample])))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp):
+            # bf16 autocast for training only: the losses measured without gradients are fp32
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp and torch.is_grad_enabled()):
                 result = block.forward(inputs, {**block.weights, **weights}, block.input_scales)
             expected = targets[sample]
             total = total + sum(output_error(result[outputs[i]], expected[i], sample) for i in compared)
@@ -533,10 +534,13 @@ def _autoround_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: We
 
     parameters = {name: RoundingParameters(get_constant(gm, linear.args[1]), layers[name].fmt,
                                            config.enable_minmax_tuning) for name, linear in linears.items()}
+    # On the quantized stream, the block's last run (pt2q.blockwise) computes its outputs with the final
+    # weights on the very inputs trained on: the final loss is measured there, not by another pass.
+    final_from_last_run = float_block_inputs is None
     try:
         with torch.enable_grad():
             result = tune(parameters, loss_of, samples, config.tune_settings(), progress=block.runner.progress,
-                          desc=f"autoround {block.name}")
+                          desc=f"autoround {block.name}", measure_final=not final_from_last_run)
     except FloatingPointError as error:
         targets.close()
         raise CalibrationError(f"AutoRound: block {block.name!r}: {error}; lower AutoRoundConfig.lr or check the "
@@ -549,12 +553,25 @@ def _autoround_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: We
         plan_.quantized[name] = qweight
         block.weights[name] = qweight.dequantize()
     plan_.state["autoround_float"] = (outputs, targets)   # the next block's float inputs
-    plan_.state.setdefault("autoround", {})[block.name] = {
+    finding = plan_.state.setdefault("autoround", {})[block.name] = {
         "layers": [layers[name].module for name in linears], "initial_loss": result.initial_loss,
         "final_loss": result.final_loss, "best_iteration": result.best_iteration, "iterations": result.iterations,
         "seconds": result.seconds}
-    log.info("autoround %s: block loss %.4g -> %.4g (best at step %d of %d, %.1f s)", block.name, result.initial_loss,
-             result.final_loss, result.best_iteration, result.iterations, result.seconds)
+
+    def record_final_loss(finished) -> None:
+        """After the block's last run: its outputs (in the runner's values) against the float targets."""
+        with torch.no_grad():
+            total = sum(float(sum(output_error(finished.runner.env[outputs[i]][sample], targets[sample][i], sample)
+                                  for i in compared)) for sample in range(samples))
+        finding["final_loss"] = total / samples
+        log.info("autoround %s: block loss %.4g -> %.4g (best at step %d of %d, %.1f s)", block.name,
+                 result.initial_loss, finding["final_loss"], result.best_iteration, result.iterations, result.seconds)
+
+    if final_from_last_run:
+        plan_.state["autoround_after_block"] = record_final_loss
+    else:
+        log.info("autoround %s: block loss %.4g -> %.4g (best at step %d of %d, %.1f s)", block.name,
+                 result.initial_loss, result.final_loss, result.best_iteration, result.iterations, result.seconds)
 
 
 def _awq_groups(gm: GraphModule) -> list:
@@ -640,6 +657,9 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
                  sum(len(layers) for layers in by_algorithm.values()))
 
     def after_block(block) -> None:
+        finish = plan_.state.pop("autoround_after_block", None)
+        if finish is not None:
+            finish(block)
         # The block never runs again: its layers take their packed form now, so their float weights go
         # and the memory a model needs while it is quantized does not grow with its depth.
         _pack(graph_module, plan_, [linear.name for linear in block.linears if linear.name in plan_.quantized])

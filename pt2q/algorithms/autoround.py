@@ -235,7 +235,7 @@ class TuneResult:
     (`final_loss`); over the step's samples, the best seen and the last; the iterations run."""
 
     initial_loss: float
-    final_loss: float
+    final_loss: float | None
     best_loss: float
     last_loss: float
     best_iteration: int
@@ -297,9 +297,12 @@ class Sampler:
 
 
 def tune(parameters: dict[str, RoundingParameters], loss_of: Callable[[list[int], dict[str, torch.Tensor]], torch.Tensor],
-         samples: int, settings: TuneSettings, *, progress: bool = True, desc: str = "autoround") -> TuneResult:
+         samples: int, settings: TuneSettings, *, progress: bool = True, desc: str = "autoround",
+         measure_final: bool = True) -> TuneResult:
     """Train `parameters` to minimise `loss_of(sample indices, {name: fake-quantized weight})`, the mean
-    block output error over those samples; leaves them at the best iterate (see the module docstring)."""
+    block output error over those samples; leaves them at the best iterate (see the module docstring).
+    The loss over every sample is measured before training and, with `measure_final`, after it (False:
+    `final_loss` is None, for a caller that measures it on a run it makes anyway)."""
     start = time.perf_counter()
     layers = list(parameters.values())
     sampler = Sampler(settings, samples)
@@ -315,7 +318,8 @@ def tune(parameters: dict[str, RoundingParameters], loss_of: Callable[[list[int]
 
     initial = full_loss()
     if settings.iters == 0:
-        return TuneResult(initial, initial, initial, initial, -1, 0, time.perf_counter() - start, [])
+        return TuneResult(initial, initial if measure_final else None, initial, initial, -1, 0,
+                          time.perf_counter() - start, [])
     optimizer = _optimizer(settings.optimizer, [
         {"params": [t for p in layers for t in p.rounding], "lr": settings.learning_rate},
         {"params": [t for p in layers for t in p.ranges], "lr": settings.range_learning_rate}])
@@ -351,5 +355,5 @@ def tune(parameters: dict[str, RoundingParameters], loss_of: Callable[[list[int]
     if not settings.not_use_mse and best_state is not None:
         for name, p in parameters.items():
             p.load_state(best_state[name])
-    return TuneResult(initial, full_loss(), best_loss, losses[-1], best_iteration, len(losses),
+    return TuneResult(initial, full_loss() if measure_final else None, best_loss, losses[-1], best_iteration, len(losses),
                       time.perf_counter() - start, losses)

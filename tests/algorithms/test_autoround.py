@@ -378,3 +378,10 @@ def test_fused_fake_quantization_matches_the_composed_ops_and_their_gradients(fm
         # the group sums add in another order: equal to float32 rounding of the largest gradient
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
         assert expected.abs().sum() > 0
+
+
+def test_final_loss_from_the_last_run_measures_what_tune_measures(llama, calib):
+    """With iters=0 the weights are RTN's before and after: the final loss, taken from the block's last run
+    (no extra pass), equals the initial one tune measured with its own forward."""
+    for block in findings(quantize(llama, AutoRoundConfig(bits=3, group_size=16, iters=0, batch_size=4), calib)).values():
+        assert block["final_loss"] == pytest.approx(block["initial_loss"], rel=1e-6)
