@@ -46,10 +46,16 @@ def linear_of(gm, module: str) -> torch.fx.Node:
     return node
 
 
-def eager_inputs(model, module: str, batches) -> list[torch.Tensor]:
-    """The input of `module` in an eager forward of each batch."""
+def eager_inputs(model, module: str, batches, *, outputs: bool = False) -> list[torch.Tensor]:
+    """The (first) input of `module` - or with `outputs`, its (first) output - in an eager forward of each batch."""
     seen = []
-    hook = model.get_submodule(module).register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    target = model.get_submodule(module)
+
+    def keep(value):
+        seen.append((value[0] if isinstance(value, tuple) else value).clone())
+
+    hook = (target.register_forward_hook(lambda mod, args, output: keep(output)) if outputs
+            else target.register_forward_pre_hook(lambda mod, args: keep(args)))
     try:
         for batch in batches:
             call(model, kwargs=batch)
@@ -375,22 +381,6 @@ def test_checkpoint_budget_is_a_multiple_of_the_block_inputs(captured, batches):
 
 
 # -- a block as a differentiable function (AutoRound, TEQ) --------------------------------------------------
-def eager_outputs(model, module: str, batches) -> list[torch.Tensor]:
-    """The (first) output of `module` in an eager forward of each batch."""
-    seen = []
-
-    def keep(mod, args, output):
-        seen.append((output[0] if isinstance(output, tuple) else output).clone())
-
-    hook = model.get_submodule(module).register_forward_hook(keep)
-    try:
-        for batch in batches:
-            call(model, kwargs=batch)
-    finally:
-        hook.remove()
-    return seen
-
-
 def test_block_forward_equals_the_eager_block_and_differentiates_the_overrides(llama, captured, batches):
     down1 = linear_of(captured, "model.layers.1.mlp.down_proj")
     weight = get_constant(captured, down1.args[1])
@@ -410,7 +400,7 @@ def test_block_forward_equals_the_eager_block_and_differentiates_the_overrides(l
         grads.append(trainable.grad)
 
     SequentialRunner(captured, batches, progress=False).run(on_block)
-    expected = eager_outputs(llama.model, "model.layers.1", batches)
+    expected = eager_inputs(llama.model, "model.layers.1", batches, outputs=True)
     assert len(forwarded) == len(batches)
     for actual, reference in zip(forwarded, expected):
         torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-5)
