@@ -558,20 +558,22 @@ def _autoround_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: We
         "final_loss": result.final_loss, "best_iteration": result.best_iteration, "iterations": result.iterations,
         "seconds": result.seconds}
 
+    def log_losses() -> None:
+        log.info("autoround %s: block loss %.4g -> %.4g (best at step %d of %d, %.1f s)", block.name,
+                 result.initial_loss, finding["final_loss"], result.best_iteration, result.iterations, result.seconds)
+
     def record_final_loss(finished) -> None:
         """After the block's last run: its outputs (in the runner's values) against the float targets."""
         with torch.no_grad():
             total = sum(float(sum(output_error(finished.runner.env[outputs[i]][sample], targets[sample][i], sample)
                                   for i in compared)) for sample in range(samples))
         finding["final_loss"] = total / samples
-        log.info("autoround %s: block loss %.4g -> %.4g (best at step %d of %d, %.1f s)", block.name,
-                 result.initial_loss, finding["final_loss"], result.best_iteration, result.iterations, result.seconds)
+        log_losses()
 
     if final_from_last_run:
         plan_.state["autoround_after_block"] = record_final_loss
     else:
-        log.info("autoround %s: block loss %.4g -> %.4g (best at step %d of %d, %.1f s)", block.name,
-                 result.initial_loss, result.final_loss, result.best_iteration, result.iterations, result.seconds)
+        log_losses()
 
 
 def _awq_groups(gm: GraphModule) -> list:
