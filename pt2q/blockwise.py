@@ -21,6 +21,7 @@ follows the previous stage's layers, so a block costs about one run instead of o
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -158,18 +159,22 @@ class Block:
             save=True, only_needed=True) or self.checkpoint
 
 
-    @property
+    @functools.cached_property
     def outputs(self) -> list[Node]:
         """The block's nodes read after it (its outputs), in graph order."""
         members = set(self.segment.nodes)
         return [n for n in self.segment.nodes if any(u not in members for u in n.users)]
 
-    def inputs(self, sample: int) -> dict[Node, object]:
-        """The values from outside the block that its nodes read, for one sample."""
+    @functools.cached_property
+    def input_nodes(self) -> list[Node]:
+        """The nodes from outside the block that its nodes read (constants excluded), in graph order."""
         members = set(self.segment.nodes)
-        needed = {a for n in self.segment.nodes for a in n.all_input_nodes
-                  if a not in members and a.op != "get_attr"}
-        return {node: self.runner.env[node][sample] for node in needed}
+        needed = {a for n in self.segment.nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"}
+        return [n for n in self.runner.gm.graph.nodes if n in needed]
+
+    def inputs(self, sample: int) -> dict[Node, object]:
+        """The values of `input_nodes` for one sample (called every training step: the nodes are found once)."""
+        return {node: self.runner.env[node][sample] for node in self.input_nodes}
 
     def forward(self, inputs: dict[Node, object], weights: dict[str, torch.Tensor] | None = None,
                 input_scales: dict[str, torch.Tensor] | None = None) -> dict[Node, object]:

@@ -493,7 +493,7 @@ def _autoround_block(gm: GraphModule, block, layers: dict[str, Layer], plan_: We
     # The float block on the float stream: the targets, and (use_quant_input=False) the inputs to train on.
     targets = SampleStore(on_disk=config.low_mem)
     float_block_inputs = None if config.use_quant_input else SampleStore(on_disk=config.low_mem)
-    input_nodes = list(block.inputs(0))
+    input_nodes = block.input_nodes
     with torch.no_grad():
         for sample in range(samples):
             inputs = float_inputs(sample)
