@@ -11,9 +11,11 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize
+from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
 from torchao.quantization.pt2e.observer import (
-    HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, PerChannelMinMaxObserver,
-    PlaceholderObserver,
+    HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
+    PerChannelMinMaxObserver, PlaceholderObserver,
 )
 from torchao.quantization.pt2e.quantizer import (
     QuantizationAnnotation, QuantizationSpec, Quantizer, SharedQuantizationSpec,
@@ -25,7 +27,7 @@ from ..isa import GUARD_BOUNDS, RESOLVED_GUARDS, resolve_saturation_guard
 from ..graph import class_path, get_constant, is_float_tensor, module_stack
 from ..passes.manager import PassManager
 from ..passes.matmul_to_linear import MatmulToLinear
-from .rules import RULE_BY_OP, Role
+from .rules import ADD, FUSIONS, RULE_BY_OP, Role
 
 ANNOTATION_KEY = meta.ANNOTATION
 _EPS = 2 ** -12  # smallest scale: keeps all-zero tensors from producing a zero scale
@@ -45,6 +47,7 @@ class QuantScheme:
     activation: QuantizationSpec | None
     weight: QuantizationSpec
     saturation_guard: str = "off"
+    qat: bool = False  # fake quantization (prepare_qat_pt2e / pt2q.prepare_qat) instead of observers
 
     def for_rule(self, rule) -> "QuantScheme":
         """The scheme an op of `rule` gets. A GEMM of two activations has no weight to narrow, so
@@ -52,7 +55,7 @@ class QuantScheme:
         if self.saturation_guard != "weights7" or rule.weight_arg is not None or self.activation is None:
             return self
         activation, weight = _guarded_specs(self.activation, self.weight, "activations7")
-        return QuantScheme(activation, weight, "activations7")
+        return QuantScheme(activation, weight, "activations7", qat=self.qat)
 
     @property
     def is_dynamic(self) -> bool:
@@ -63,35 +66,72 @@ class QuantScheme:
         return self.activation is None
 
 
+QAT_RANGES = ("ema", "learnable")
+
+
 def make_scheme(activation_dtype: torch.dtype, *, dynamic: bool = False, observer: str = "minmax",
-                per_channel: bool = True, weight_only: bool = False, saturation_guard: str = "off") -> QuantScheme:
+                per_channel: bool = True, weight_only: bool = False, saturation_guard: str = "off",
+                qat: bool = False, qat_ranges: str = "ema") -> QuantScheme:
     """Affine per-tensor activations of `activation_dtype` (none when `weight_only`); int8 symmetric
     weights (per channel). `saturation_guard` (already resolved: a key of pt2q.isa.GUARD_BOUNDS) takes one
     bit off the weights or the activations, so that no u8 x s8 pair sum leaves int16 in oneDNN's kernels
-    on CPUs without VNNI."""
+    on CPUs without VNNI.
+
+    `qat`: fake quantization for training instead of observers. Weights and static activations track
+    their ranges by exponential moving average (`qat_ranges="ema"`); with "learnable" the activations'
+    scale and zero point are trained by backpropagation (LSQ), starting from the observed range. Dynamic
+    activations are fake-quantized with the range of each batch, as they will be computed at run time."""
     if observer not in ACTIVATION_OBSERVERS:
         raise ConfigError(f"unknown activation observer {observer!r}; valid: {sorted(ACTIVATION_OBSERVERS)}")
     if saturation_guard not in RESOLVED_GUARDS:
         raise ConfigError(f"make_scheme: saturation_guard={saturation_guard!r}; valid: "
                           f"{', '.join(map(repr, RESOLVED_GUARDS))} (resolve 'auto' with "
                           "pt2q.isa.resolve_saturation_guard)")
+    if qat_ranges not in QAT_RANGES:
+        raise ConfigError(f"make_scheme: qat_ranges={qat_ranges!r}; valid: {', '.join(map(repr, QAT_RANGES))}")
     if weight_only:
         saturation_guard = "off"  # fp32 activations: the GEMM is not an int8 one
     info = torch.iinfo(activation_dtype)
-    observer_ctr = PlaceholderObserver if dynamic else ACTIVATION_OBSERVERS[observer]
+    if qat:
+        activation_ctr = _qat_activation_ctr(dynamic, qat_ranges)
+    else:
+        activation_ctr = (PlaceholderObserver if dynamic else ACTIVATION_OBSERVERS[observer]).with_args(eps=_EPS)
     activation = None if weight_only else QuantizationSpec(
         dtype=activation_dtype, quant_min=info.min, quant_max=info.max, qscheme=torch.per_tensor_affine,
-        is_dynamic=dynamic, observer_or_fake_quant_ctr=observer_ctr.with_args(eps=_EPS))
+        is_dynamic=dynamic, observer_or_fake_quant_ctr=activation_ctr)
     if per_channel:
+        weight_ctr = FusedMovingAvgObsFakeQuantize.with_args(
+            observer=MovingAveragePerChannelMinMaxObserver, eps=_EPS) if qat else \
+            PerChannelMinMaxObserver.with_args(eps=_EPS)
         weight = QuantizationSpec(
             dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric,
-            ch_axis=0, observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(eps=_EPS))
+            ch_axis=0, observer_or_fake_quant_ctr=weight_ctr)
     else:
+        weight_ctr = FusedMovingAvgObsFakeQuantize.with_args(
+            observer=MovingAverageMinMaxObserver, eps=_EPS) if qat else MinMaxObserver.with_args(eps=_EPS)
         weight = QuantizationSpec(
             dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
-            observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=_EPS))
+            observer_or_fake_quant_ctr=weight_ctr)
     activation, weight = _guarded_specs(activation, weight, saturation_guard)
-    return QuantScheme(activation, weight, saturation_guard)
+    return QuantScheme(activation, weight, saturation_guard, qat=qat)
+
+
+def _qat_activation_ctr(dynamic: bool, ranges: str):
+    if dynamic:
+        # the range of the current batch (averaging constant 1), as dynamic quantization will use
+        return FakeQuantize.with_args(observer=MovingAverageMinMaxObserver.with_args(averaging_constant=1),
+                                      eps=_EPS)
+    if ranges == "learnable":
+        return LearnableFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=_EPS,
+                                               use_grad_scaling=True)
+    return FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=_EPS)
+
+
+def float16_weight_scheme() -> QuantScheme:
+    """fp16 weights, fp32 activations (Inductor's linear_dynamic_fp16: the weight is stored in half
+    precision and widened in the kernel). No calibration: the weight is only rounded to fp16."""
+    weight = QuantizationSpec(dtype=torch.float16, observer_or_fake_quant_ctr=PlaceholderObserver)
+    return QuantScheme(None, weight, "off")
 
 
 def _guarded_specs(activation: QuantizationSpec | None, weight: QuantizationSpec, guard: str):
@@ -108,6 +148,15 @@ def _guarded_specs(activation: QuantizationSpec | None, weight: QuantizationSpec
 
 
 _UNSET = object()
+
+
+@dataclass
+class PatternAnnotation(QuantizationAnnotation):
+    """torchao's annotation plus the flag of its X86 Inductor contract: this node is the output of a
+    quantized pattern (its value is int8 when the next op takes int8), so int8-in, int8-out ops after it
+    (pooling, cat, flatten) may run in int8."""
+
+    _is_output_of_quantized_pattern: bool = False
 
 
 class RuleQuantizer(Quantizer):
@@ -145,6 +194,20 @@ class RuleQuantizer(Quantizer):
     def dynamic_scheme(cls, per_channel: bool = True, saturation_guard: str = "auto") -> QuantScheme:
         return make_scheme(cls.activation_dtype, dynamic=True, per_channel=per_channel,
                            saturation_guard=cls.resolve_saturation_guard(saturation_guard))
+
+    @classmethod
+    def qat_scheme(cls, dynamic: bool = False, per_channel: bool = True, ranges: str = "ema",
+                   saturation_guard: str = "auto") -> QuantScheme:
+        """Fake quantization for quantization-aware training (torchao's prepare_qat_pt2e or
+        pt2q.prepare_qat): `ranges` "ema" (moving-average ranges) or "learnable" (LSQ activation ranges);
+        `dynamic` fake-quantizes activations with each batch's range, for a dynamic-int8 model."""
+        return make_scheme(cls.activation_dtype, dynamic=dynamic, per_channel=per_channel, qat=True,
+                           qat_ranges=ranges, saturation_guard=cls.resolve_saturation_guard(saturation_guard))
+
+    @classmethod
+    def float16_weight_scheme(cls) -> QuantScheme:
+        """fp16 weights and fp32 activations for linear layers (Inductor's linear_dynamic_fp16)."""
+        return float16_weight_scheme()
 
     @classmethod
     def resolve_saturation_guard(cls, policy: str) -> str:
@@ -213,27 +276,40 @@ class RuleQuantizer(Quantizer):
     def annotate(self, model: GraphModule) -> GraphModule:
         self.annotated_nodes, self.applied_guards = {}, {}
         nodes = list(model.graph.nodes)
+        # 1. weighted ops with their post-op chains, and activation-only ops
         for node in nodes:
-            rule = RULE_BY_OP.get(node.target) if node.op == "call_function" else None
-            if rule is None or rule.role in (Role.PROPAGATE, Role.RESIDUAL) or not self.applies(rule):
-                continue
-            if rule.opt_in and not self.options.get(rule.opt_in):
+            rule = self._rule(node)
+            if rule is None or rule.role is Role.PROPAGATE or not self._enabled(rule, node):
                 continue
             scheme = self.scheme_for(node)
             if scheme is not None:
                 self._annotate_compute(model, node, rule, scheme.for_rule(rule))
+        # 2. int8 onwards through pooling / cat / flatten fed by quantized patterns (producers first)
         for node in nodes:
-            rule = RULE_BY_OP.get(node.target) if node.op == "call_function" else None
-            if rule is not None and rule.role is Role.RESIDUAL and self.applies(rule):
-                self._annotate_residual(node, rule)
-        for node in reversed(nodes):  # consumers first, so chains of propagating ops are found
-            rule = RULE_BY_OP.get(node.target) if node.op == "call_function" else None
-            if rule is not None and rule.role is Role.PROPAGATE and self.applies(rule):
-                self._annotate_propagation(node, rule)
+            rule = self._rule(node)
+            if rule is not None and rule.role is Role.PROPAGATE:
+                self._propagate_from_inputs(node, rule)
+        # 3. ... and backwards into them from consumers that take int8 (consumers first, for chains)
+        for node in reversed(nodes):
+            rule = self._rule(node)
+            if rule is not None and rule.role is Role.PROPAGATE:
+                self._propagate_from_users(node, rule)
         return model
+
+    def _rule(self, node: Node):
+        rule = RULE_BY_OP.get(node.target) if node.op == "call_function" else None
+        return rule if rule is not None and self.applies(rule) else None
 
     def applies(self, rule) -> bool:
         return self.rule_names is None or rule.name in self.rule_names
+
+    def _enabled(self, rule, node: Node) -> bool:
+        """An opt-in rule is on through its option, or for an op a set_op_type rule names with a scheme."""
+        if rule.opt_in is None or self.options.get(rule.opt_in):
+            return True
+        return any(scheme is not None and not isinstance(key, type) and
+                   (node.target is key or getattr(node.target, "overloadpacket", None) is key)
+                   for key, scheme in self.op_type_rules)
 
     def validate(self, model: GraphModule) -> None:
         for node in model.graph.nodes:
@@ -253,6 +329,10 @@ class RuleQuantizer(Quantizer):
         if not activations or not all(is_float_tensor(a) and get_constant(model, a) is None
                                       for a in activations):
             return  # never observe ids, masks or constants as activations
+        if rule.same_shape and len({tuple(a.meta["val"].shape) for a in activations}) != 1:
+            return
+        if scheme.weight.dtype == torch.float16 and rule.name != "linear":
+            return  # fp16 weights have a kernel for linear only (Inductor's linear_dynamic_fp16)
         input_map = {} if scheme.weight_only else {a: scheme.activation for a in activations}
         if rule.weight_arg is not None:
             weight = node.args[rule.weight_arg]
@@ -260,47 +340,126 @@ class RuleQuantizer(Quantizer):
                 return  # a weight computed at run time: leave the op in fp32
             input_map[weight] = replace(scheme.weight, ch_axis=rule.weight_channel_axis) \
                 if scheme.weight.ch_axis is not None else scheme.weight
-        node.meta[ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=input_map, _annotated=True)
+        fusion, chain = self._match_fusion(node, scheme) if rule.role is Role.WEIGHTED else (None, [])
+        node.meta[ANNOTATION_KEY] = PatternAnnotation(
+            input_qspec_map=input_map, _annotated=True,
+            _is_output_of_quantized_pattern=not chain and not scheme.weight_only)
         node.meta[meta.SCHEME] = scheme
         self.annotated_nodes[node.name] = rule.name
         if not scheme.weight_only:
             self.applied_guards[node.name] = scheme.saturation_guard
+        static = not scheme.is_dynamic
+        for position, post_op in enumerate(chain):
+            last = position == len(chain) - 1
+            extra_map = {}
+            if post_op.target in ADD and fusion.quantize_extra_input and static:
+                previous = chain[position - 1] if position else node
+                extra = next(a for a in post_op.args if a is not previous)
+                extra_map[extra] = scheme.activation
+            output = scheme.activation if last and fusion.quantize_output and static else None
+            post_op.meta[ANNOTATION_KEY] = PatternAnnotation(
+                input_qspec_map=extra_map, output_qspec=output, _annotated=True,
+                _is_output_of_quantized_pattern=last)
+            self.annotated_nodes[post_op.name] = fusion.name
 
-    def _annotate_residual(self, node: Node, rule) -> None:
-        if ANNOTATION_KEY in node.meta or len(node.args) != 2:
-            return
-        lhs, rhs = node.args
-        if not (is_float_tensor(lhs) and is_float_tensor(rhs)) or lhs.meta["val"].shape != rhs.meta["val"].shape:
-            return
-        for producer, extra in ((lhs, rhs), (rhs, lhs)):
-            if producer.target in rule.after and producer.name in self.annotated_nodes and \
-                    len(producer.users) == 1:
-                scheme = producer.meta[meta.SCHEME]
-                if scheme.is_dynamic or scheme.weight_only:
-                    return
-                node.meta[ANNOTATION_KEY] = QuantizationAnnotation(
-                    input_qspec_map={extra: scheme.activation}, _annotated=True)
-                self.annotated_nodes[node.name] = rule.name
-                return
+    def _match_fusion(self, anchor: Node, scheme: QuantScheme):
+        """The first fusion of the table whose post-ops follow `anchor`: (fusion, post-op nodes), or
+        (None, []). Weight-only layers keep fp32 activations, so they have nothing to fuse."""
+        if scheme.weight_only:
+            return None, []
+        weight = anchor.args[1] if len(anchor.args) > 1 else None
+        if isinstance(weight, Node) and sum(user.target in RULE_BY_OP for user in weight.users) > 1:
+            # A layer called at several sites (a reused module): plain annotation at each, as torchao
+            # does. Inductor still fuses a linear's post-ops by pattern; the Q/DQ graph is the same.
+            return None, []
+        for fusion in FUSIONS:
+            if anchor.target in fusion.anchor:
+                chain = self._follow(anchor, fusion.post_ops)
+                if chain is not None:
+                    return fusion, chain
+        return None, []
 
-    def _annotate_propagation(self, node: Node, rule) -> None:
+    def _follow(self, anchor: Node, steps) -> list[Node] | None:
+        chain, current = [], anchor
+        for step in steps:
+            if len(current.users) != 1:
+                return None  # the value is needed outside the fused kernel
+            (user,) = current.users
+            if user.op != "call_function" or user.target not in step or ANNOTATION_KEY in user.meta:
+                return None
+            if step is ADD:
+                if len(user.args) != 2 or user.args[0] is user.args[1] or \
+                        not all(is_float_tensor(a) for a in user.args) or \
+                        user.args[0].meta["val"].shape != user.args[1].meta["val"].shape:
+                    return None  # the fused "sum" takes a second tensor of the output's shape
+            elif not user.args or user.args[0] is not current:
+                return None
+            if self._module_rule(user) is not self._module_rule(anchor):
+                return None  # the post-op lives in a module configured apart from the layer
+            chain.append(user)
+            current = user
+        return chain
+
+    def _module_rule(self, node: Node):
+        """The set_module_name rule that decides `node` (the last matching one), or None."""
+        stack = module_stack(node)
+        found = None
+        for rule in self.module_name_rules:
+            if any(rule[0].fullmatch(fqn) for fqn, _ in stack):
+                found = rule
+        return found
+
+    @staticmethod
+    def _is_int8_output(node) -> bool:
+        annotation = node.meta.get(ANNOTATION_KEY) if isinstance(node, Node) else None
+        return bool(getattr(annotation, "_is_output_of_quantized_pattern", False))
+
+    def _propagation_spec(self, node: Node):
+        scheme = self.scheme_for(node)
+        if scheme is None or scheme.weight_only or scheme.is_dynamic:
+            return None
+        return scheme.activation
+
+    @staticmethod
+    def _propagation_inputs(node: Node) -> list:
+        return list(node.args[0]) if node.target is torch.ops.aten.cat.default else [node.args[0]]
+
+    def _propagate_from_inputs(self, node: Node, rule) -> None:
+        """torchao's recipe: an int8-in, int8-out op whose inputs are all outputs of quantized patterns
+        runs in int8 (a flatten only when a quantizable op consumes it)."""
+        if ANNOTATION_KEY in node.meta or not is_float_tensor(node):
+            return
+        spec = self._propagation_spec(node)
+        inputs = self._propagation_inputs(node)
+        if spec is None or not inputs or not all(is_float_tensor(i) and self._is_int8_output(i) for i in inputs):
+            return
+        if node.target is torch.ops.aten.flatten.using_ints and not any(
+                user.op == "call_function" and user.target in RULE_BY_OP for user in node.users):
+            return
+        self._annotate_shared(node, rule, inputs, spec)
+
+    def _propagate_from_users(self, node: Node, rule) -> None:
         """Quantize the input and share its qparams with the output, when a consumer wants int8."""
         if ANNOTATION_KEY in node.meta or not is_float_tensor(node):
             return
         wanted = [self._edge_spec(node, user) for user in node.users]
         wanted = [spec for spec in wanted if spec is not None and not spec.is_dynamic]
-        if not wanted:
+        inputs = self._propagation_inputs(node)
+        if not wanted or not inputs or not all(is_float_tensor(i) for i in inputs):
             return
-        spec = wanted[0]
-        inputs = list(node.args[0]) if node.target is torch.ops.aten.cat.default else [node.args[0]]
-        if not all(is_float_tensor(i) for i in inputs):
-            return
+        self._annotate_shared(node, rule, inputs, wanted[0])
+
+    def _annotate_shared(self, node: Node, rule, inputs: list, spec) -> None:
+        """int8 in and out with one observer: the first input's, shared by the other inputs (cat) and
+        the output."""
         first = inputs[0]
+        shared = SharedQuantizationSpec((first, node))
         input_map = {first: spec}
-        for other in inputs[1:]:  # cat: every input shares the first input's qparams
-            input_map[other] = SharedQuantizationSpec((first, node))
-        node.meta[ANNOTATION_KEY] = QuantizationAnnotation(
-            input_qspec_map=input_map, output_qspec=SharedQuantizationSpec((first, node)), _annotated=True)
+        for other in inputs[1:]:
+            input_map.setdefault(other, shared)  # cat([x, x]): one entry
+        node.meta[ANNOTATION_KEY] = PatternAnnotation(
+            input_qspec_map=input_map, output_qspec=shared, _annotated=True,
+            _is_output_of_quantized_pattern=True)
         self.annotated_nodes[node.name] = rule.name
 
     @staticmethod

@@ -57,9 +57,10 @@ output((linear_1,))
 +activation_post_process_0 = call_module activation_post_process_0(x) : f32[4, 8]  {MinMaxObserver u8 per_tensor_affine (not calibrated)}
  _guards_fn = call_module _guards_fn(x)
 -linear = call_function aten.linear.default(x, fc1_weight, fc1_bias) : f32[4, 16]
-+linear = call_function aten.linear.default(activation_post_process_0, activation_post_process_1, fc1_bias) : f32[4, 16]  ann=linear
- relu = call_function aten.relu.default(linear) : f32[4, 16]
+-relu = call_function aten.relu.default(linear) : f32[4, 16]
 -linear_1 = call_function aten.linear.default(relu, fc2_weight, fc2_bias) : f32[4, 4]
++linear = call_function aten.linear.default(activation_post_process_0, activation_post_process_1, fc1_bias) : f32[4, 16]  ann=linear
++relu = call_function aten.relu.default(linear) : f32[4, 16]  ann=linear_unary
 +activation_post_process_2 = call_module activation_post_process_2(relu) : f32[4, 16]  {MinMaxObserver u8 per_tensor_affine (not calibrated)}
 +linear_1 = call_function aten.linear.default(activation_post_process_2, activation_post_process_3, fc2_bias) : f32[4, 4]  ann=linear
  output((linear_1,))
@@ -76,7 +77,7 @@ x = placeholder : f32[4, 8]
 activation_post_process_0 = call_module activation_post_process_0(x) : f32[4, 8]  {MinMaxObserver u8 per_tensor_affine min=-3.331 max=2.357 -> scale=0.02231 zp=149}
 _guards_fn = call_module _guards_fn(x)
 linear = call_function aten.linear.default(activation_post_process_0, activation_post_process_1, fc1_bias) : f32[4, 16]  ann=linear
-relu = call_function aten.relu.default(linear) : f32[4, 16]
+relu = call_function aten.relu.default(linear) : f32[4, 16]  ann=linear_unary
 activation_post_process_2 = call_module activation_post_process_2(relu) : f32[4, 16]  {MinMaxObserver u8 per_tensor_affine min=0 max=1.519 -> scale=0.005958 zp=0}
 linear_1 = call_function aten.linear.default(activation_post_process_2, activation_post_process_3, fc2_bias) : f32[4, 4]  ann=linear
 output((linear_1,))
@@ -98,7 +99,7 @@ quantize_per_tensor_default = call_function quantized_decomposed.quantize_per_te
 dequantize_per_tensor_default = call_function quantized_decomposed.dequantize_per_tensor.default(quantize_per_tensor_default, 0.02231, 149, 0, 255, torch.uint8) : f32[4, 8]  {u8 scale=0.02231 zp=149 range=[0, 255]}
 _guards_fn = call_module _guards_fn(x)
 linear = call_function aten.linear.default(dequantize_per_tensor_default, dequantize_per_channel_default, fc1_bias) : f32[4, 16]  {int8 weight}  ann=linear
-relu = call_function aten.relu.default(linear) : f32[4, 16]
+relu = call_function aten.relu.default(linear) : f32[4, 16]  ann=linear_unary
 quantize_per_tensor_default_1 = call_function quantized_decomposed.quantize_per_tensor.default(relu, 0.005958, 0, 0, 255, torch.uint8) : u8[4, 16]  {u8 scale=0.005958 zp=0 range=[0, 255]}
 dequantize_per_tensor_default_1 = call_function quantized_decomposed.dequantize_per_tensor.default(quantize_per_tensor_default_1, 0.005958, 0, 0, 255, torch.uint8) : f32[4, 16]  {u8 scale=0.005958 zp=0 range=[0, 255]}
 linear_1 = call_function aten.linear.default(dequantize_per_tensor_default_1, dequantize_per_channel_default_1, fc2_bias) : f32[4, 4]  {int8 weight}  ann=linear
@@ -129,7 +130,7 @@ output((linear_1,))
  _guards_fn = call_module _guards_fn(x)
 -linear = call_function aten.linear.default(activation_post_process_0, activation_post_process_1, fc1_bias) : f32[4, 16]  ann=linear
 +linear = call_function aten.linear.default(dequantize_per_tensor_default, dequantize_per_channel_default, fc1_bias) : f32[4, 16]  {int8 weight}  ann=linear
- relu = call_function aten.relu.default(linear) : f32[4, 16]
+ relu = call_function aten.relu.default(linear) : f32[4, 16]  ann=linear_unary
 -activation_post_process_2 = call_module activation_post_process_2(relu) : f32[4, 16]  {MinMaxObserver u8 per_tensor_affine min=0 max=1.519 -> scale=0.005958 zp=0}
 -linear_1 = call_function aten.linear.default(activation_post_process_2, activation_post_process_3, fc2_bias) : f32[4, 4]  ann=linear
 +quantize_per_tensor_default_1 = call_function quantized_decomposed.quantize_per_tensor.default(relu, 0.005958, 0, 0, 255, torch.uint8) : u8[4, 16]  {u8 scale=0.005958 zp=0 range=[0, 255]}
@@ -162,7 +163,7 @@ quantize_per_tensor_default = call_function quantized_decomposed.quantize_per_te
 dequantize_per_tensor_default = call_function quantized_decomposed.dequantize_per_tensor.default(quantize_per_tensor_default, 0.02495, 134, 0, 255, torch.uint8) : f32[2, 3, 8, 8]  {u8 scale=0.02495 zp=134 range=[0, 255]}
 _guards_fn = call_module _guards_fn(images)
 conv2d = call_function aten.conv2d.default(dequantize_per_tensor_default, dequantize_per_channel_default, conv1_bias, [1, 1], [1, 1]) : f32[2, 4, 8, 8]  {int8 weight}  ann=conv
-relu = call_function aten.relu.default(conv2d) : f32[2, 4, 8, 8]
+relu = call_function aten.relu.default(conv2d) : f32[2, 4, 8, 8]  ann=conv_unary
 quantize_per_tensor_default_1 = call_function quantized_decomposed.quantize_per_tensor.default(relu, 0.008987, 0, 0, 255, torch.uint8) : u8[2, 4, 8, 8]  {u8 scale=0.008987 zp=0 range=[0, 255]}
 dequantize_per_tensor_default_1 = call_function quantized_decomposed.dequantize_per_tensor.default(quantize_per_tensor_default_1, 0.008987, 0, 0, 255, torch.uint8) : f32[2, 4, 8, 8]  {u8 scale=0.008987 zp=0 range=[0, 255]}
 conv2d_1 = call_function aten.conv2d.default(dequantize_per_tensor_default_1, dequantize_per_channel_default_1, conv2_bias) : f32[2, 4, 6, 6]  {int8 weight}  ann=conv
@@ -203,7 +204,7 @@ output((linear,))
 +activation_post_process_0 = call_module activation_post_process_0(mul_tensor) : f32[4, 8]  {MinMaxObserver u8 per_tensor_affine min=-2.383 max=0.8941 -> scale=0.01285 zp=185}
  _guards_fn = call_module _guards_fn(x)
  linear = call_function aten.linear.default(activation_post_process_0, activation_post_process_1, fc1_bias) : f32[4, 16]  ann=linear
- gelu = call_function aten.gelu.default(linear) : f32[4, 16]
+ gelu = call_function aten.gelu.default(linear) : f32[4, 16]  ann=linear_unary
 -activation_post_process_2 = call_module activation_post_process_2(gelu) : f32[4, 16]  {MinMaxObserver u8 per_tensor_affine min=-0.17 max=6.186 -> scale=0.02493 zp=7}
 -pt2q_channel_recorder_1 = call_module pt2q_channel_recorder_1(gelu) : f32[4, 16]  {ChannelRecorder channels=16 absmax(n=16 min=0.1698 max=6.186)}
 +gelu_sq_inv_scale = get_attr gelu_sq_inv_scale : f32[1, 16]  {smooth_quant 1/s (n=16 min=0.1684 max=1.115)}

@@ -10,7 +10,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 import pt2q
 from pt2q.graph import get_constant, is_float_tensor
 from pt2q.quantizers import RULES, Role, X86Quantizer, XPUQuantizer, weighted_ops
-from pt2q.quantizers.rules import CONV_OPS, LINEAR_OPS, RULE_BY_OP
+from pt2q.quantizers.rules import ADD, CONV_OPS, FUSIONS, LINEAR_OPS, RULE_BY_OP
 from tests.conftest import DQ_PER_CHANNEL, DQ_PER_TENSOR, Q_PER_TENSOR, call, count_of, nodes_of, rel_error
 
 aten = torch.ops.aten
@@ -60,12 +60,28 @@ def test_weighted_ops_are_linear_and_every_conv():
 def test_rule_roles():
     assert RULE_BY_OP[aten.matmul.default].opt_in == "quantize_attention_matmul"
     assert RULE_BY_OP[aten.bmm.default].role is Role.ACTIVATIONS
-    assert RULE_BY_OP[aten.add.Tensor].role is Role.RESIDUAL and RULE_BY_OP[aten.add.Tensor].after == CONV_OPS
+    assert RULE_BY_OP[aten.mul.Tensor].opt_in == "quantize_mul" and RULE_BY_OP[aten.mul.Tensor].same_shape
     for op in (aten.max_pool2d.default, aten.adaptive_avg_pool2d.default, aten.flatten.using_ints, aten.cat.default):
         assert RULE_BY_OP[op].role is Role.PROPAGATE
-    # unary post-ops need no rule (see the module docstring of rules.py)
-    for op in (aten.relu.default, aten.gelu.default, aten.silu.default, aten.hardswish.default):
+    # post-ops are steps of fusions, not rules of their own
+    for op in (aten.relu.default, aten.gelu.default, aten.silu.default, aten.hardswish.default, aten.add.Tensor):
         assert op not in RULE_BY_OP
+
+
+def test_fusion_table():
+    names = [fusion.name for fusion in FUSIONS]
+    assert len(names) == len(set(names))
+    for fusion in FUSIONS:
+        assert fusion.anchor in (CONV_OPS, LINEAR_OPS) and fusion.post_ops
+        # only a conv's add takes an int8 extra input (oneDNN's sum post-op)
+        assert fusion.quantize_extra_input == (fusion.is_binary and fusion.anchor is CONV_OPS)
+        # only the QAT conv-bn chains observe their output (bn is folded at convert)
+        assert fusion.quantize_output == (fusion.name.startswith("conv_bn"))
+    # longer chains of one anchor come first: the first match wins
+    for earlier, later in zip(FUSIONS, FUSIONS[1:]):
+        if earlier.anchor is later.anchor and earlier.name.startswith("conv_bn") == later.name.startswith("conv_bn"):
+            assert len(earlier.post_ops) >= len(later.post_ops)
+    assert any(step is ADD for step in next(f for f in FUSIONS if f.name == "linear_add").post_ops)
 
 
 # -- weighted layers --------------------------------------------------------------------------------
@@ -166,7 +182,8 @@ def test_conv_residual_add_dequantizes_the_extra_input(quantizer_cls):
     conv_in, extra = add.args
     assert conv_in.target is aten.conv2d.default  # the conv output itself stays fp32 into the add
     assert extra.target is DQ_PER_TENSOR  # Inductor's qconv + binary pattern
-    assert "conv_residual_add" in quantizer.annotated_nodes.values()
+    assert quantizer.annotated_nodes[add.name] == "conv_add_relu"
+    assert quantizer.annotated_nodes[only(list(add.users)).name] == "conv_add_relu"
     # the residual's qparams are those of the same tensor feeding c2
     c2_input = nodes_of(converted, aten.conv2d.default)[1].args[0]
     assert qparams(c2_input) == qparams(extra)
@@ -178,8 +195,8 @@ def test_conv_residual_add_dequantizes_the_extra_input(quantizer_cls):
 def test_residual_add_after_dynamic_conv_is_left_alone():
     converted, quantizer = quantize_with(X86Quantizer, ConvResidual(), (torch.randn(2, 8, 8, 8),), dynamic=True)
     add = only(nodes_of(converted, aten.add.Tensor))
-    assert add.args[1].target is aten.relu.default
-    assert "conv_residual_add" not in quantizer.annotated_nodes.values()
+    assert add.args[1].target is aten.relu.default  # the post-ops fuse, but activations stay dynamic
+    assert not any(a.target in (DQ_PER_TENSOR, Q_PER_TENSOR) for a in add.args)
 
 
 def test_linear_residual_add_is_not_quantized():
@@ -194,7 +211,7 @@ def test_linear_residual_add_is_not_quantized():
     converted, quantizer = quantize_with(X86Quantizer, LinearResidual(), (torch.randn(2, 8),))
     add = only(nodes_of(converted, aten.add.Tensor))
     assert [a.target for a in add.args] == [aten.linear.default, "x"]
-    assert "conv_residual_add" not in quantizer.annotated_nodes.values()
+    assert quantizer.annotated_nodes[add.name] == "linear_add"  # fused, its extra input fp32
 
 
 # -- propagation: pooling, flatten, cat ---------------------------------------------------------------
@@ -247,19 +264,24 @@ def test_pool_and_flatten_before_linear_share_qparams():
     assert qparams(pool.args[0]) == qparams(flatten.args[0]) == qparams(linear.args[0])
 
 
-def test_pooling_at_the_end_stays_fp32():
+def test_pooling_after_a_quantized_conv_runs_in_int8_even_at_the_end():
+    """torchao's recipe: an int8-in, int8-out op fed by a quantized pattern runs in int8 (Inductor's
+    qconv writes int8 and qmaxpool2d reads it); after an op with no int8 output it stays fp32."""
     class ConvPool(nn.Module):
         def __init__(self):
             super().__init__()
             self.c = nn.Conv2d(3, 4, 3)
 
         def forward(self, x):
-            return F.max_pool2d(self.c(x), 2)
+            return F.max_pool2d(self.c(x), 2), F.max_pool2d(torch.sigmoid(self.c(x)), 2)
 
     converted, quantizer = quantize_with(X86Quantizer, ConvPool(), (torch.randn(1, 3, 8, 8),))
-    pool = only(nodes_of(converted, aten.max_pool2d.default))
-    assert pool.args[0].target is aten.conv2d.default
-    assert "pooling" not in quantizer.annotated_nodes.values()
+    int8_pool, fp32_pool = nodes_of(converted, aten.max_pool2d.default)
+    assert int8_pool.args[0].target is DQ_PER_TENSOR
+    (out_q,) = int8_pool.users
+    assert out_q.target is Q_PER_TENSOR and qparams(out_q) == qparams(int8_pool.args[0])
+    assert fp32_pool.args[0].target is aten.sigmoid.default
+    assert list(quantizer.annotated_nodes.values()).count("pooling") == 1
 
 
 # -- attention matmul (opt-in) -----------------------------------------------------------------------
