@@ -8,7 +8,7 @@ from . import isa  # noqa: E402,F401 - pt2q.isa.detect(): what this CPU's int8/b
 # Before the api import: importing the submodule pt2q.smooth_quant binds that name to the module, and the
 # api import below rebinds it to the function pt2q.smooth_quant().
 from .smooth_quant import SmoothQuantConfig  # noqa: E402
-from .api import (calibrate, convert, count_quantized_layers, load, measure, prepare, quantize, save,  # noqa: E402
+from .api import (calibrate, convert, count_quantized_layers, load, measure, prepare, prepare_qat, quantize, save,  # noqa: E402
                   smooth_quant)
 from .measurement import Measurement  # noqa: E402
 from .capture import capture  # noqa: E402
@@ -32,7 +32,7 @@ __all__ = [
     "AWQConfig", "AutoRoundConfig", "BackendUnavailable", "DeviceError", "FP8Config", "FP8Quantizer", "GPTQConfig", "Measurement",
     "MeasurementError", "measure", "RTNConfig", "CalibrationError", "CaptureError", "ConfigError", "DynamicQuantConfig", "NotPreparedError", "Pt2qError",
     "SmoothQuantConfig", "StaticQuantConfig", "TEQConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
-    "count_quantized_layers", "load", "prepare", "quantize", "save", "smooth_quant", "transfer_quantized_weights",
+    "count_quantized_layers", "load", "prepare", "prepare_qat", "quantize", "save", "smooth_quant", "transfer_quantized_weights",
     "WeightTransferError", "compile", "target_device", "HQQConfig",
     "TuningConfig", "TuningError", "TuningResult", "autotune", "get_int8_tuning_config", "get_woq_tuning_config",
 ]

@@ -52,6 +52,21 @@ def prepare(model: torch.nn.Module, config: Config, example_inputs: Any = None, 
     return pipeline.prepare(model, config, example_inputs, dynamic_shapes=dynamic_shapes)
 
 
+def prepare_qat(model: torch.nn.Module, config: StaticQuantConfig | DynamicQuantConfig, example_inputs: Any = None,
+                *, dynamic_shapes: Any = None) -> GraphModule:
+    """Quantization-aware training: capture the training graph of `model` (a copy: the model is never
+    changed; one in eval mode is captured in train mode, with a warning) and insert fake quantization
+    with the config's QAT schemes (`StaticQuantConfig.qat_ranges`: "ema" or "learnable" activation
+    ranges; dynamic activations take each batch's range). Conv + batch norm train as folded.
+
+    Train the returned model like any module (its fake-quant ranges and the weights adapt), then
+    `pt2q.convert(prepared)` gives the int8 model (batch norm folded, dropout off). Converting before any
+    optimizer step is post-training quantization with the ranges the forward passes saw. For
+    evaluation between steps use torchao's `move_exported_model_to_eval` / `move_exported_model_to_train`
+    (exported graphs do not take `.eval()` / `.train()`)."""
+    return pipeline.prepare_qat(model, config, example_inputs, dynamic_shapes=dynamic_shapes)
+
+
 def calibrate(prepared: GraphModule, calib_data: Iterable, *, progress: bool = True) -> int:
     """Run every batch of `calib_data` (tuples of positional inputs or dicts of keyword inputs) through
     the prepared model: one shared pass for observers and SmoothQuant, block by block for GPTQ / AWQ

@@ -39,14 +39,15 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 @contextlib.contextmanager
-def capture_mode(model: torch.nn.Module):
-    """Put `model` in eval mode with Hugging Face caches off; restore every flag on exit."""
+def capture_mode(model: torch.nn.Module, training: bool = False):
+    """Put `model` in eval mode (train mode with `training`, for QAT) with Hugging Face caches off;
+    restore every flag on exit."""
     training_flags = {module: module.training for module in model.modules()}
     config = getattr(model, "config", None)
     had_use_cache = config is not None and hasattr(config, "use_cache")
     old_use_cache = config.use_cache if had_use_cache else None
     try:
-        model.eval()
+        model.train(training)
         if had_use_cache:
             # A cache object in the outputs is not a pytree type torch.export can flatten.
             config.use_cache = False
@@ -94,10 +95,12 @@ def _hint_for(error: BaseException) -> str:
 
 
 def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
-            dynamic_shapes: Any = None) -> GraphModule:
+            dynamic_shapes: Any = None, *, training: bool = False) -> GraphModule:
     """Export `model` called as `model(*args, **kwargs)` to an ATen-level `GraphModule`.
 
     `dynamic_shapes` takes a torch.export spec, or the shorthands "batch" / "batch_seq".
+    `training`: capture the training graph (batch norm on batch statistics, dropout on), for QAT; the
+    model's own train/eval flags are restored either way.
     The returned module keeps the model's input/output structure (Hugging Face `ModelOutput`s included).
     Raises `CaptureError` (with `.export_error`) when torch.export fails.
     """
@@ -111,7 +114,8 @@ def capture(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None,
     args = tuple(args)
     if isinstance(dynamic_shapes, str):
         dynamic_shapes = _expand_dynamic_shorthand(dynamic_shapes, model, args, kwargs)
-    with capture_mode(model), torch.no_grad():
+    grad_mode = contextlib.nullcontext() if training else torch.no_grad()
+    with capture_mode(model, training), grad_mode:
         try:
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
         except Exception as error:  # noqa: BLE001 - every export failure becomes a CaptureError

@@ -21,7 +21,7 @@ import torch
 from .errors import ConfigError
 from .isa import SATURATION_GUARDS
 from .quantizers import QUANTIZERS
-from .quantizers.base import ACTIVATION_OBSERVERS, RuleQuantizer
+from .quantizers.base import ACTIVATION_OBSERVERS, QAT_RANGES, RuleQuantizer
 
 BACKENDS = tuple(QUANTIZERS)
 
@@ -31,6 +31,8 @@ _CHOICES = {
     "activation_observer": tuple(sorted(ACTIVATION_OBSERVERS)),
     "weight_granularity": ("per_channel", "per_tensor"),
     "saturation_guard": SATURATION_GUARDS,
+    "qat_ranges": QAT_RANGES,
+    "weight_dtype": ("int8", "float16"),
 }
 _FLAGS = ("mixed_bf16", "quantize_attention_matmul")
 
@@ -115,7 +117,13 @@ class _Config:
         self.local_rules.append((target, config))
         return self
 
-    def to_quantizer(self) -> RuleQuantizer:
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activations anywhere in the model (the global config or a set_local one) need data."""
+        return self.is_static or any(config is not None and config.is_static for _, config in self.local_rules)
+
+    def to_quantizer(self, qat: bool = False) -> RuleQuantizer:
+        """The quantizer of this config; `qat`: its fake-quant (training) schemes, for prepare_qat."""
         self.validate()
         for target, config in self.local_rules:
             if config is not None:
@@ -125,8 +133,8 @@ class _Config:
                                       f"backend {self.backend!r}")
         quantizer_cls = QUANTIZERS[self.backend]
         quantizer = quantizer_cls(quantize_attention_matmul=self.quantize_attention_matmul)
-        quantizer.set_global(self.scheme(quantizer_cls))
-        _set_quantizer_rules(quantizer, self.local_rules, lambda config: config.scheme(quantizer_cls))
+        quantizer.set_global(self.scheme(quantizer_cls, qat))
+        _set_quantizer_rules(quantizer, self.local_rules, lambda config: config.scheme(quantizer_cls, qat))
         return quantizer
 
 
@@ -145,6 +153,8 @@ class StaticQuantConfig(_Config):
         int8 weights in [-64, 63]; nothing elsewhere), "weights7", "activations7" (torchao's 7-bit
         activations; under Inductor it holds only for inputs inside the calibrated range) or "off".
         See `pt2q.isa`.
+    qat_ranges: for `pt2q.prepare_qat` only: "ema" (default: activation ranges follow a moving average
+        of the training batches) or "learnable" (scale and zero point trained by backpropagation, LSQ).
     """
 
     backend: str = "x86"
@@ -154,17 +164,21 @@ class StaticQuantConfig(_Config):
     quantize_attention_matmul: bool = False
     smooth_quant: Any = None
     saturation_guard: str = "auto"
+    qat_ranges: str = "ema"
     local_rules: list = field(default_factory=list, repr=False, init=False)  # filled by set_local()
 
     def __post_init__(self):
         self.validate()
 
     is_dynamic = False
-    needs_calibration = True
+    is_static = True
 
-    def scheme(self, quantizer_cls):
-        return quantizer_cls.static_scheme(observer=self.activation_observer,
-                                           per_channel=self.weight_granularity == "per_channel",
+    def scheme(self, quantizer_cls, qat: bool = False):
+        per_channel = self.weight_granularity == "per_channel"
+        if qat:
+            return quantizer_cls.qat_scheme(per_channel=per_channel, ranges=self.qat_ranges,
+                                            saturation_guard=self.saturation_guard)
+        return quantizer_cls.static_scheme(observer=self.activation_observer, per_channel=per_channel,
                                            saturation_guard=self.saturation_guard)
 
 
@@ -181,20 +195,29 @@ class _UncalibratedConfig(_Config):
     def __post_init__(self):
         self.validate()
 
-    needs_calibration = False
+    is_static = False
 
 
 @dataclass(init=True)
 class DynamicQuantConfig(_UncalibratedConfig):
     """Dynamic int8: int8 weights, activation qparams computed per call (no calibration data needed).
-    `saturation_guard` as in StaticQuantConfig."""
+    `saturation_guard` as in StaticQuantConfig.
+    weight_dtype: "int8" (default) or "float16": fp16 weights and fp32 activations for linear layers
+        (Inductor's linear_dynamic_fp16 kernel; convs stay fp32), half the weight memory, no int8 error.
+    """
 
     saturation_guard: str = "auto"
+    weight_dtype: str = "int8"
     is_dynamic = True
 
-    def scheme(self, quantizer_cls):
-        return quantizer_cls.dynamic_scheme(per_channel=self.weight_granularity == "per_channel",
+    def scheme(self, quantizer_cls, qat: bool = False):
+        per_channel = self.weight_granularity == "per_channel"
+        if self.weight_dtype == "float16":
+            return quantizer_cls.float16_weight_scheme()  # nothing to train: the same for QAT
+        if qat:
+            return quantizer_cls.qat_scheme(dynamic=True, per_channel=per_channel,
                                             saturation_guard=self.saturation_guard)
+        return quantizer_cls.dynamic_scheme(per_channel=per_channel, saturation_guard=self.saturation_guard)
 
 
 def with_field_check(cls):

@@ -8,6 +8,7 @@ SOURCE_CLASS = "pt2q_source_class"            # class name of the captured model
 CONFIG = "pt2q_config"                        # the quantization config the model was prepared with
 PIPELINE = "pt2q_pipeline"                    # the pipeline.Pipeline a prepared model runs, until convert()
 PREPARED = "pt2q_prepared"                    # True on a model prepare() returned, until convert()
+QAT = "pt2q_qat"                              # True on a model prepare_qat() returned (a training graph)
 CONVERTED = "pt2q_converted"                  # True on a prepared model that convert() consumed
 QUANTIZED = "pt2q_quantized"                  # True on a converted (or loaded) model
 SMOOTH_QUANT_PLAN = "pt2q_smooth_quant_plan"  # SmoothQuant groups and recorders, waiting for convert()

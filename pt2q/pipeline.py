@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
@@ -43,7 +44,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from . import meta
 from .calibration import check_batches_iterable, observers, run_calibration, sized
 from .capture import EXAMPLE_INPUTS_KEY, capture, fresh_copy, normalize_inputs
-from .config import CONFIG_KINDS, SmoothQuantConfig
+from .config import CONFIG_KINDS, DynamicQuantConfig, SmoothQuantConfig, StaticQuantConfig
 from .errors import CalibrationError, ConfigError, NotPreparedError
 from .graph import own_tensors
 from .passes.manager import Pass, PassManager
@@ -114,15 +115,16 @@ class Int8Observers:
     sequential = False
     records_in_shared_pass = True
 
-    def __init__(self, config):
+    def __init__(self, config, qat: bool = False):
         self.config = config
+        self.qat = qat
         self.report = None
 
     def plan(self, graph_module: GraphModule) -> GraphModule:
         from .passes.torchao_prepare import TorchaoPrepare
 
-        quantizer = self.config.to_quantizer()
-        prepared, _ = PassManager([TorchaoPrepare(quantizer)])(graph_module)
+        quantizer = self.config.to_quantizer(qat=self.qat)
+        prepared, _ = PassManager([TorchaoPrepare(quantizer, qat=self.qat)])(graph_module)
         prepared.meta[meta.INT8_NUMERICS] = int8_numerics(self.config, quantizer)
         return prepared
 
@@ -132,6 +134,10 @@ class Int8Observers:
         if not observers(graph_module):  # prepared by pt2q, but the config keeps every layer in fp32
             log.warning("convert(): the config quantizes no layer of this model; it stays in fp32")
         check_observers(graph_module)
+        if is_training_graph(graph_module):
+            from torchao.quantization.pt2e import move_exported_model_to_eval
+
+            move_exported_model_to_eval(graph_module)  # dropout off, batch norm on running statistics
         quantized, _ = PassManager([TorchaoConvert()])(graph_module)
         return quantized
 
@@ -325,16 +331,17 @@ def build(config) -> Pipeline:
 
 # -- running it ---------------------------------------------------------------------------------------------
 def capture_for(model: torch.nn.Module, example_inputs: Any = None, dynamic_shapes: Any = None,
-                caller: str = "prepare()") -> GraphModule:
-    """A capture of `model` that owns its tensors (a pt2q capture is copied, not captured again)."""
-    if isinstance(model, GraphModule) and EXAMPLE_INPUTS_KEY in model.meta:
+                caller: str = "prepare()", training: bool = False) -> GraphModule:
+    """A capture of `model` that owns its tensors (a pt2q capture is copied, not captured again;
+    `training`: the training graph, for QAT)."""
+    if isinstance(model, GraphModule) and EXAMPLE_INPUTS_KEY in model.meta and not training:
         graph_module = fresh_copy(model)
     else:
         if example_inputs is None:
             raise ConfigError(f"{caller} needs example_inputs (a tuple of positional inputs or a dict of "
                               "keyword inputs) to capture the model")
         args, kwargs = normalize_inputs(example_inputs)
-        graph_module = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+        graph_module = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes, training=training)
     # The capture shares the user's tensors; the quantized model must not (editing either would move
     # the other, and a buffer the model updates in forward would be advanced by both).
     own_tensors(graph_module)
@@ -353,6 +360,58 @@ def prepare(model: torch.nn.Module, config, example_inputs: Any = None, *, dynam
     prepared.meta[meta.CONFIG] = config
     prepared.meta[meta.PREPARED] = True
     return prepared
+
+
+QAT_CONFIGS = (StaticQuantConfig, DynamicQuantConfig)
+
+
+def prepare_qat(model: torch.nn.Module, config, example_inputs: Any = None, *, dynamic_shapes: Any = None,
+                caller: str = "prepare_qat()") -> GraphModule:
+    """Capture the training graph of `model` and insert fake quantization (torchao's prepare_qat_pt2e with
+    our quantizer's QAT schemes; conv-bn pairs are simulated as folded and folded at convert)."""
+    if type(config) not in QAT_CONFIGS:
+        raise ConfigError(f"{caller} takes a StaticQuantConfig or DynamicQuantConfig, got "
+                          f"{type(config).__name__}; weight-only and FP8 configs are post-training only")
+    if getattr(config, "smooth_quant", None) is not None:
+        raise ConfigError(f"{caller}: {type(config).__name__}.smooth_quant is not supported with QAT (training "
+                          "adapts the weights to the activation ranges itself); set smooth_quant=None")
+    if isinstance(model, GraphModule) and EXAMPLE_INPUTS_KEY in model.meta:
+        raise ConfigError(f"{caller} takes the nn.Module itself: a pt2q capture is an inference graph, and "
+                          "QAT needs the training graph (batch norm on batch statistics, dropout)")
+    if isinstance(model, torch.nn.Module) and not model.training:
+        warnings.warn(f"{caller}: the model is in eval mode; its copy is captured in train mode for QAT "
+                      "(batch norm on batch statistics, dropout on). Your model itself is unchanged.",
+                      UserWarning, stacklevel=3)
+    algorithm = Int8Observers(config, qat=True)
+    pipeline = Pipeline(config, [algorithm])
+    graph_module = capture_for(model, example_inputs, dynamic_shapes, caller, training=True)
+    warn_unmatched_name_rules(config, graph_module)
+    prepared, _ = PassManager(pipeline.prepare_stages())(graph_module)
+    if config.is_static and getattr(config, "qat_ranges", "ema") == "learnable":
+        _initialise_learnable_ranges(prepared, graph_module.meta[EXAMPLE_INPUTS_KEY])
+    prepared.meta[meta.PIPELINE] = pipeline
+    prepared.meta[meta.CONFIG] = config
+    prepared.meta[meta.PREPARED] = True
+    prepared.meta[meta.QAT] = True
+    return prepared
+
+
+def _initialise_learnable_ranges(prepared: GraphModule, example_inputs) -> None:
+    """LearnableFakeQuantize creates its scale and zero point on its first forward: run the example
+    inputs once (in eval mode, so batch norm statistics do not move) so that they exist as parameters
+    when the user builds the optimizer, then turn range learning on."""
+    from torchao.quantization.pt2e import (
+        enable_range_learning, move_exported_model_to_eval, move_exported_model_to_train,
+    )
+
+    args, kwargs = example_inputs
+    move_exported_model_to_eval(prepared)
+    try:
+        with torch.no_grad():
+            prepared(*args, **kwargs)
+    finally:
+        move_exported_model_to_train(prepared)
+    prepared.apply(enable_range_learning)
 
 
 def check_not_converted(model, caller: str) -> None:
@@ -510,20 +569,44 @@ def int8_numerics(config, quantizer) -> dict:
 
 
 def check_observers(prepared: GraphModule) -> None:
-    """Every observer saw finite data; name the observed node otherwise."""
+    """Every observer saw finite data, and every fake quantization (QAT) holds a finite scale and zero
+    point; name the observed node otherwise."""
     observed_node = {n.target: n.args[0] for n in prepared.graph.nodes if n.op == "call_module"}
+
+    def where(name: str) -> str:
+        owner = name.rsplit(".activation_post_process", 1)[0]  # a fake quant's inner observer
+        source = observed_node.get(owner)
+        return f"{owner} (observing node {source.name!r})" if source is not None else owner
+
     for name, observer in observers(prepared).items():
         low, high = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
         if low is None or high is None or getattr(observer, "is_dynamic", False):
             continue
-        source = observed_node.get(name)
-        where = f"the output of node {source.name!r}" if source is not None else f"observer {name}"
         if low.numel() and (torch.isinf(low).all() and torch.isinf(high).all()) and low.min() > 0:
-            raise CalibrationError(f"{where} was never observed: run calibration data through the prepared "
-                                   "model before convert()")
+            raise CalibrationError(f"observer {where(name)} was never observed: run calibration (or training) "
+                                   "data through the prepared model before convert()")
         if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-            raise CalibrationError(f"{where} produced NaN/Inf during calibration; check the model's numerics "
-                                   "on the calibration data, or keep that layer in fp32 with set_local(..., None)")
+            raise CalibrationError(f"observer {where(name)} holds NaN/Inf ranges; check the model's numerics "
+                                   "on the calibration (or training) data, or keep that layer in fp32 with "
+                                   "set_local(..., None)")
+    for name, fake_quant in fake_quantizers(prepared).items():
+        for attribute in ("scale", "zero_point"):
+            value = getattr(fake_quant, attribute, None)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise CalibrationError(f"fake quantization {where(name)} has a non-finite {attribute} (training "
+                                       "diverged?); train with a lower learning rate, or keep that layer in "
+                                       "fp32 with set_local(..., None)")
+
+
+def fake_quantizers(graph_module: GraphModule) -> dict[str, torch.nn.Module]:
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
+    return {name: m for name, m in graph_module.named_modules() if isinstance(m, FakeQuantizeBase)}
+
+
+def is_training_graph(graph_module: GraphModule) -> bool:
+    """A QAT graph: captured in train mode (what torchao's move_exported_model_to_eval rewrites)."""
+    return bool(graph_module.meta.get(meta.QAT)) or bool(fake_quantizers(graph_module))
 
 
 def quantized_layer_nodes(qmodel: GraphModule) -> list[torch.fx.Node]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
-from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
 from .manager import Pass
 
@@ -46,17 +46,21 @@ class AnnotationReport:
 
 class TorchaoPrepare(Pass):
     """prepare_pt2e with our quantizer; `report` is an AnnotationReport. The graph it returns is the
-    fp32 model as it will be quantized (conv-bn folded, observers bypassed when they are not run)."""
+    fp32 model as it will be quantized (conv-bn folded, observers bypassed when they are not run).
+    `qat`: prepare_qat_pt2e on a training graph instead (fake quantization; conv-bn simulated as folded)."""
 
     name = "prepare_pt2e"
 
-    def __init__(self, quantizer) -> None:
+    def __init__(self, quantizer, qat: bool = False) -> None:
         self.quantizer = quantizer
+        self.qat = qat
+        if qat:
+            self.name = "prepare_qat_pt2e"
         self.report: AnnotationReport | None = None
 
     def call(self, graph_module: GraphModule) -> PassResult:
         try:
-            prepared = prepare_pt2e(graph_module, self.quantizer)
+            prepared = (prepare_qat_pt2e if self.qat else prepare_pt2e)(graph_module, self.quantizer)
         finally:
             forget_torchao_module_cache()
         self.report = AnnotationReport(dict(getattr(self.quantizer, "annotated_nodes", {})))

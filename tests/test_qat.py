@@ -1,0 +1,111 @@
+"""pt2q.prepare_qat -> train -> pt2q.convert: quantization-aware training through torchao's QAT flow."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pt2q
+from pt2q.errors import CalibrationError, ConfigError
+from tests.conftest import DQ_PER_CHANNEL, Q_PER_TENSOR, count_of, rel_error
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)) + y)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def batches(n=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 8, 8, generator=generator) for _ in range(n)]
+
+
+def test_prepare_qat_on_an_eval_model_warns_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = SmallConvNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="eval mode"):
+        prepared = pt2q.prepare_qat(model, pt2q.StaticQuantConfig(), (batches()[0],))
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    for x in batches():
+        prepared(x).square().mean().backward()
+        optimizer.step()
+    assert not model.training and not any(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and bn stats
+
+
+def test_convert_before_any_training_step_is_ptq_with_fake_quant_ranges():
+    torch.manual_seed(0)
+    model = SmallConvNet().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model in train mode: no warning
+        prepared = pt2q.prepare_qat(model, pt2q.StaticQuantConfig(), (batches()[0],))
+    with torch.no_grad():
+        for x in batches():
+            prepared(x)  # forward passes only: ranges (and batch-norm statistics) move, weights do not
+    qmodel = pt2q.convert(prepared)
+    assert not [n for n in qmodel.graph.nodes if "batch_norm" in str(n.target) or "dropout" in str(n.target)]
+    assert pt2q.count_quantized_layers(qmodel) == 3 and count_of(qmodel, DQ_PER_CHANNEL) == 3
+    reference = SmallConvNet().eval()  # the fp32 model with the batch-norm statistics the passes produced
+    reference.load_state_dict({k: v for k, v in prepared.state_dict().items() if k in reference.state_dict()})
+    assert not torch.equal(reference.bn1.running_mean, model.bn1.running_mean)
+    x = batches(1, seed=5)[0]
+    assert rel_error(qmodel(x), reference(x)) < 0.1
+
+
+def test_convert_without_any_forward_pass_names_the_unobserved_fake_quant():
+    prepared = pt2q.prepare_qat(SmallConvNet().train(), pt2q.StaticQuantConfig(), (batches()[0],))
+    with pytest.raises(CalibrationError, match=r"activation_post_process_\d+.*never observed"):
+        pt2q.convert(prepared)
+
+
+def test_nan_in_a_fake_quant_at_convert_raises_naming_it():
+    prepared = pt2q.prepare_qat(SmallConvNet().train(), pt2q.StaticQuantConfig(), (batches()[0],))
+    with torch.no_grad():
+        prepared(batches()[0])
+    name, fake_quant = next((n, m) for n, m in prepared.named_modules()
+                            if type(m).__name__ == "FusedMovingAvgObsFakeQuantize" and m.scale.numel() == 1)
+    fake_quant.activation_post_process.max_val.fill_(float("nan"))
+    with pytest.raises(CalibrationError, match=rf"{name} .*NaN"):
+        pt2q.convert(prepared)
+
+
+def test_learnable_ranges_are_parameters_from_the_start():
+    prepared = pt2q.prepare_qat(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).train(),
+                                pt2q.StaticQuantConfig(qat_ranges="learnable"), (torch.randn(3, 4),))
+    scales = [n for n, p in prepared.named_parameters() if n.endswith(".scale") and p.requires_grad]
+    assert len(scales) == 2  # the two linear inputs
+    x = torch.randn(3, 4)
+    prepared(x).sum().backward()
+    assert all(p.grad is not None for n, p in prepared.named_parameters() if n in scales)
+
+
+def test_dynamic_qat_converts_to_dynamic_int8():
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).train()
+    prepared = pt2q.prepare_qat(model, pt2q.DynamicQuantConfig(), (torch.randn(5, 6),))
+    prepared(torch.randn(5, 6))
+    qmodel = pt2q.convert(prepared)
+    assert count_of(qmodel, torch.ops.quantized_decomposed.choose_qparams.tensor) == 2
+    assert count_of(qmodel, Q_PER_TENSOR) == 0
+
+
+def test_prepare_qat_rejects_what_it_cannot_train():
+    model = nn.Sequential(nn.Linear(4, 4)).train()
+    with pytest.raises(ConfigError, match="weight-only and FP8"):
+        pt2q.prepare_qat(model, pt2q.RTNConfig(), (torch.randn(2, 4),))
+    with pytest.raises(ConfigError, match="smooth_quant"):
+        pt2q.prepare_qat(model, pt2q.StaticQuantConfig(smooth_quant=pt2q.SmoothQuantConfig()), (torch.randn(2, 4),))
+    with pytest.raises(ConfigError, match="qat_ranges"):
+        pt2q.StaticQuantConfig(qat_ranges="lsq")
+    with pytest.raises(ConfigError, match="training graph"):
+        pt2q.prepare_qat(pt2q.capture(model, (torch.randn(2, 4),)), pt2q.StaticQuantConfig(), (torch.randn(2, 4),))
