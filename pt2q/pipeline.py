@@ -118,7 +118,17 @@ class Int8Observers:
     def __init__(self, config, qat: bool = False):
         self.config = config
         self.qat = qat
+        # QAT: calibration sets the fake quants' starting ranges in a run of its own (pt2q.qat)
+        self.records_in_shared_pass = not qat
+        self.calibrates_itself = qat
         self.report = None
+
+    def calibrate(self, graph_module: GraphModule, batches, progress: bool) -> int:
+        from .qat import calibrate_fake_quant_ranges
+        from .quantizers.base import ACTIVATION_OBSERVERS
+
+        observer = ACTIVATION_OBSERVERS[getattr(self.config, "activation_observer", "minmax")]
+        return calibrate_fake_quant_ranges(graph_module, batches, observer, progress=progress)
 
     def plan(self, graph_module: GraphModule) -> GraphModule:
         from .passes.torchao_prepare import TorchaoPrepare
@@ -258,11 +268,12 @@ class CalibrateStage(Pass):
     def call(self, graph_module: GraphModule) -> PassResult:
         batches = self.batches
         sequential = [a for a in self.algorithms if a.sequential]
+        own_runs = sequential + [a for a in self.algorithms if getattr(a, "calibrates_itself", False)]
         if sequential:
             batches = list(batches)  # several runs over the data: GPTQ / AWQ take it block by block
         if any(a.records_in_shared_pass for a in self.algorithms):
             self.batch_count = run_calibration(graph_module, batches, progress=self.progress, desc=self.desc)
-        for algorithm in sequential:
+        for algorithm in own_runs:
             self.batch_count = max(self.batch_count, algorithm.calibrate(graph_module, batches, self.progress))
         # The shared pass changes observer state, not the graph; a sequential algorithm's packing
         # rewrites the graph, and the manager then checks and recompiles it.

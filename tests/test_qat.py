@@ -109,3 +109,23 @@ def test_prepare_qat_rejects_what_it_cannot_train():
         pt2q.StaticQuantConfig(qat_ranges="lsq")
     with pytest.raises(ConfigError, match="training graph"):
         pt2q.prepare_qat(pt2q.capture(model, (torch.randn(2, 4),)), pt2q.StaticQuantConfig(), (torch.randn(2, 4),))
+
+
+def test_calibrate_gives_the_fake_quants_the_ranges_ptq_would_choose():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    data = [(torch.randn(16, 6),) for _ in range(5)]
+    config = pt2q.StaticQuantConfig(activation_observer="minmax")
+    ptq = pt2q.quantize(model, config, data, progress=False)
+    ptq_qparams = [float(a) for n in ptq.graph.nodes if n.target is Q_PER_TENSOR for a in n.args[1:3]]
+    with pytest.warns(UserWarning, match="eval mode"):
+        prepared = pt2q.prepare_qat(model, config, data[0])
+    assert pt2q.calibrate(prepared, data, progress=False) == 5
+    from pt2q.qat import activation_fake_quants
+
+    fake_quants = list(activation_fake_quants(prepared).values())
+    assert [float(v) for fq in fake_quants for v in (fq.scale, fq.zero_point)] == pytest.approx(ptq_qparams)
+    assert all(bool(fq.fake_quant_enabled[0]) and bool(fq.observer_enabled[0]) for fq in fake_quants)
+    # the first training step starts from those ranges (it does not restart from its own batch)
+    prepared(torch.zeros(16, 6))
+    assert float(fake_quants[0].scale) == pytest.approx(ptq_qparams[0], rel=0.02)
