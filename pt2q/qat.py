@@ -5,8 +5,9 @@ moving average (1% a step), which converges to a typical batch's range: larger v
 are clipped, and clipping is the error training cannot remove. `pt2q.calibrate` on a model that
 `pt2q.prepare_qat` returned sets every static activation fake quant's range as post-training
 quantization would: the config's activation observer (histogram by default) over the whole calibration
-data, the model in eval form and nothing fake-quantized. Training then starts from those ranges.
-Weights' fake quants are left alone: they observe the weights themselves on every step.
+data, the model in eval form and nothing fake-quantized. Training then keeps those ranges (moving-average
+fake quants stop observing; learnable ones train from them). Weights' fake quants are left alone: they
+observe the weights themselves on every step.
 """
 from __future__ import annotations
 
@@ -70,6 +71,9 @@ def calibrate_fake_quant_ranges(prepared: GraphModule, calib_data: Iterable, obs
             move_exported_model_to_train(prepared)
     for name, fq in targets.items():
         _set_range(fq, *fresh[name].calculate_qparams())
+        # Keep the calibrated range: a moving average would pull it back toward a typical batch's range
+        # (LearnableFakeQuantize trains it from here; its observer is already off while it learns).
+        fq.disable_observer()
     return count
 
 

@@ -100,20 +100,33 @@ def make_scheme(activation_dtype: torch.dtype, *, dynamic: bool = False, observe
         dtype=activation_dtype, quant_min=info.min, quant_max=info.max, qscheme=torch.per_tensor_affine,
         is_dynamic=dynamic, observer_or_fake_quant_ctr=activation_ctr)
     if per_channel:
-        weight_ctr = FusedMovingAvgObsFakeQuantize.with_args(
+        weight_ctr = TrainedRangeFakeQuantize.with_args(
             observer=MovingAveragePerChannelMinMaxObserver, eps=_EPS) if qat else \
             PerChannelMinMaxObserver.with_args(eps=_EPS)
         weight = QuantizationSpec(
             dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric,
             ch_axis=0, observer_or_fake_quant_ctr=weight_ctr)
     else:
-        weight_ctr = FusedMovingAvgObsFakeQuantize.with_args(
+        weight_ctr = TrainedRangeFakeQuantize.with_args(
             observer=MovingAverageMinMaxObserver, eps=_EPS) if qat else MinMaxObserver.with_args(eps=_EPS)
         weight = QuantizationSpec(
             dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
             observer_or_fake_quant_ctr=weight_ctr)
     activation, weight = _guarded_specs(activation, weight, saturation_guard)
     return QuantScheme(activation, weight, saturation_guard, qat=qat)
+
+
+class TrainedRangeFakeQuantize(FusedMovingAvgObsFakeQuantize):
+    """torchao's fused moving-average fake quant, converted with the qparams training used.
+
+    convert_pt2e asks a fake quant for `calculate_qparams()`, which torchao answers by recomputing them
+    from the observer's range. For symmetric int8 the two disagree: the fused training op divides the
+    largest magnitude by 127, the observer by 127.5, so the deployed grid is not the one the weights were
+    trained on and the largest weight of each channel is clipped. This returns the fused op's own scale
+    and zero point, so the converted model computes what the trained fake-quantized one did."""
+
+    def calculate_qparams(self):
+        return self.scale.detach().clone(), self.zero_point.detach().clone()
 
 
 def _qat_activation_ctr(dynamic: bool, ranges: str):
@@ -124,7 +137,7 @@ def _qat_activation_ctr(dynamic: bool, ranges: str):
     if ranges == "learnable":
         return LearnableFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=_EPS,
                                                use_grad_scaling=True)
-    return FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=_EPS)
+    return TrainedRangeFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=_EPS)
 
 
 def float16_weight_scheme() -> QuantScheme:

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchao.quantization.pt2e import ObserverBase
+from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
 from pt2q.quantizers import X86Quantizer, XPUQuantizer
-from pt2q.quantizers.base import PatternAnnotation
+from pt2q.quantizers.base import PatternAnnotation, TrainedRangeFakeQuantize
 from tests.conftest import (CHOOSE_QPARAMS, DQ_PER_CHANNEL, DQ_PER_TENSOR, DQ_PER_TENSOR_DYN, Q_PER_TENSOR,
                             Q_PER_TENSOR_DYN, count_of, nodes_of, rel_error)
 
@@ -335,12 +336,31 @@ def test_qat_schemes_use_fake_quantization():
         return sorted({type(m).__name__ for m in prepared.modules()
                        if isinstance(m, (FakeQuantize, LearnableFakeQuantize))})
 
-    assert fake_quant_types(X86Quantizer.qat_scheme()) == ["FusedMovingAvgObsFakeQuantize"]
+    assert fake_quant_types(X86Quantizer.qat_scheme()) == ["TrainedRangeFakeQuantize"]
     assert fake_quant_types(X86Quantizer.qat_scheme(ranges="learnable")) == [
-        "FusedMovingAvgObsFakeQuantize", "LearnableFakeQuantize"]
-    assert fake_quant_types(X86Quantizer.qat_scheme(dynamic=True)) == ["FakeQuantize", "FusedMovingAvgObsFakeQuantize"]
+        "LearnableFakeQuantize", "TrainedRangeFakeQuantize"]
+    assert fake_quant_types(X86Quantizer.qat_scheme(dynamic=True)) == ["FakeQuantize", "TrainedRangeFakeQuantize"]
     assert X86Quantizer.qat_scheme().qat and not X86Quantizer.static_scheme().qat
-    assert issubclass(FusedMovingAvgObsFakeQuantize, FakeQuantize)
+    assert issubclass(TrainedRangeFakeQuantize, FusedMovingAvgObsFakeQuantize)
+
+
+@pytest.mark.parametrize("granularity", [True, False])
+def test_converted_qat_model_computes_exactly_what_the_fake_quantized_one_did(granularity):
+    """torchao converts a fake quant with qparams recomputed from its observer, which for symmetric int8
+    weights is a different grid (max / 127.5) from the one training used (max / 127)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight[0, 0] = 3.0  # the largest weight: clipped on the observer's grid
+    x = torch.randn(16, 8)
+    quantizer = X86Quantizer().set_global(X86Quantizer.qat_scheme(per_channel=granularity, saturation_guard="off"))
+    prepared = prepare_qat_pt2e(torch.export.export(model.train(), (x,)).module(), quantizer)
+    prepared(x)
+    for module in prepared.modules():
+        if isinstance(module, FakeQuantizeBase):
+            module.disable_observer()
+    expected = prepared(x)
+    assert torch.equal(convert_pt2e(prepared)(x), expected)
 
 
 def test_pattern_annotations_are_torchao_annotations():
