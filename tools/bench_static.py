@@ -25,8 +25,9 @@ from pt2q import demo, textdata  # noqa: E402
 from pt2q.backends import inductor  # noqa: E402
 
 
-def pt2q_quantize(model, calib, saturation_guard="auto"):
-    return pt2q.quantize(model, pt2q.StaticQuantConfig(saturation_guard=saturation_guard), calib, progress=False)
+def pt2q_quantize(model, calib, saturation_guard="auto", mixed_bf16=False):
+    config = pt2q.StaticQuantConfig(saturation_guard=saturation_guard, mixed_bf16=mixed_bf16)
+    return pt2q.quantize(model, config, calib, progress=False)
 
 
 def pt2q_compile(qmodel, example):
@@ -61,10 +62,13 @@ def torchao_compile(qmodel, example):
     return run, {}
 
 
-def contenders(int8_saturates: bool) -> dict:
+def contenders(int8_saturates: bool, native_bf16: bool = False) -> dict:
     """name -> (quantize, compile). Where int8 kernels saturate, both libraries' full-range results are
-    kept to show what the guards are for, beside their guarded ones."""
+    kept to show what the guards are for, beside their guarded ones. Where the CPU computes bf16
+    natively, pt2q's int8-mixed-bf16 (the ops that stay float run in bf16) is measured too."""
     chosen = {"pt2q": (pt2q_quantize, pt2q_compile), "torchao": (torchao_quantize, torchao_compile)}
+    if native_bf16:
+        chosen["pt2q_mixed_bf16"] = (lambda m, c: pt2q_quantize(m, c, mixed_bf16=True), pt2q_compile)
     if int8_saturates:
         chosen["pt2q_full_range"] = (lambda m, c: pt2q_quantize(m, c, saturation_guard="off"), pt2q_compile)
         chosen["torchao_reduce_range"] = (lambda m, c: torchao_quantize(m, c, reduce_range=True), torchao_compile)
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
     example = evaluation[0]
 
     results: dict = {"settings": vars(args)}  # emit_json adds the machine: ISA, cores, versions
-    chosen = contenders(pt2q.isa.detect().int8_saturates)
+    isa = pt2q.isa.detect()
+    chosen = contenders(isa.int8_saturates, isa.native_bf16)
     fp32_compiled, fp32_compile = demo.timed_cold(inductor.compile, pt2q.capture(model, (), example), example)
     results["fp32_inductor"] = {"compile_seconds": fp32_compile}
     runners = {"fp32_eager": model, "fp32_inductor": fp32_compiled}
