@@ -368,3 +368,34 @@ def test_pattern_annotations_are_torchao_annotations():
 
     annotation = PatternAnnotation(_annotated=True, _is_output_of_quantized_pattern=True)
     assert isinstance(annotation, QuantizationAnnotation) and annotation.input_qspec_map == {}
+
+
+# -- what Inductor makes of it (one small compile per quantizer) ---------------------------------------
+class SmallResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv_a, self.conv_b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.max_pool2d(torch.relu(self.bn(self.stem(x))), 2)
+        y = torch.relu(self.conv_b(torch.relu(self.conv_a(y))) + y)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_inductor_lowers_our_graph_to_the_kernels_it_picks_for_torchaos():
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    from pt2q.backends import inductor
+
+    torch.manual_seed(0)
+    model, x = SmallResNet().eval(), torch.randn(2, 3, 16, 16)
+    theirs = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    kernels = {}
+    for name, quantizer in (("pt2q", static()), ("torchao", theirs)):
+        _, converted = run(model, (x,), quantizer)
+        kernels[name] = inductor.compile(converted, (x,)).int8_kernels
+    assert kernels["pt2q"] == kernels["torchao"]
+    assert sum(count for kernel, count in kernels["pt2q"].items() if kernel.startswith("qconv")) == 3
+    assert any(kernel.startswith("qlinear") for kernel in kernels["pt2q"])
