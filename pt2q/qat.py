@@ -84,8 +84,8 @@ def _set_range(fake_quant, scale: torch.Tensor, zero_point: torch.Tensor) -> Non
     low = (fake_quant.quant_min - zero_point.to(torch.float32)) * scale
     high = (fake_quant.quant_max - zero_point.to(torch.float32)) * scale
     observer = fake_quant.activation_post_process
-    observer.min_val = low.reshape(observer.min_val.shape) if observer.min_val.numel() else low.squeeze(0)
-    observer.max_val = high.reshape(observer.max_val.shape) if observer.max_val.numel() else high.squeeze(0)
+    observer.min_val = low.reshape(observer.min_val.shape)
+    observer.max_val = high.reshape(observer.max_val.shape)
     if hasattr(fake_quant, "_initialize_or_update_qparams"):  # LearnableFakeQuantize: trained parameters
         fake_quant._initialize_or_update_qparams(scale.clone(), zero_point.clone())
     else:

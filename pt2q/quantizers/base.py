@@ -163,6 +163,11 @@ def _guarded_specs(activation: QuantizationSpec | None, weight: QuantizationSpec
 _UNSET = object()
 
 
+def _is_op(node: Node, key) -> bool:
+    """`key` (an ATen overload or overload packet) names `node`'s op."""
+    return node.target is key or getattr(node.target, "overloadpacket", None) is key
+
+
 @dataclass
 class PatternAnnotation(QuantizationAnnotation):
     """torchao's annotation plus the flag of its X86 Inductor contract: this node is the output of a
@@ -264,20 +269,13 @@ class RuleQuantizer(Quantizer):
         return scheme
 
     def scheme_for(self, node: Node) -> QuantScheme | None:
-        stack = module_stack(node)
+        name_rule = self._module_rule(node)
+        if name_rule is not None:
+            return name_rule[1]
+        classes = {cls for _, cls in module_stack(node)}
         found = _UNSET
-        for pattern, scheme in self.module_name_rules:  # later rules override earlier ones
-            if any(pattern.fullmatch(fqn) for fqn, _ in stack):
-                found = scheme
-        if found is not _UNSET:
-            return found
-        classes = {cls for _, cls in stack}
-        for key, scheme in self.op_type_rules:
-            if isinstance(key, type):
-                hit = class_path(key) in classes
-            else:
-                hit = node.target is key or getattr(node.target, "overloadpacket", None) is key
-            if hit:
+        for key, scheme in self.op_type_rules:  # later rules override earlier ones
+            if class_path(key) in classes if isinstance(key, type) else _is_op(node, key):
                 found = scheme
         return self.global_scheme if found is _UNSET else found
 
@@ -320,8 +318,7 @@ class RuleQuantizer(Quantizer):
         """An opt-in rule is on through its option, or for an op a set_op_type rule names with a scheme."""
         if rule.opt_in is None or self.options.get(rule.opt_in):
             return True
-        return any(scheme is not None and not isinstance(key, type) and
-                   (node.target is key or getattr(node.target, "overloadpacket", None) is key)
+        return any(scheme is not None and not isinstance(key, type) and _is_op(node, key)
                    for key, scheme in self.op_type_rules)
 
     def validate(self, model: GraphModule) -> None:
@@ -414,7 +411,8 @@ class RuleQuantizer(Quantizer):
         return chain
 
     def _module_rule(self, node: Node):
-        """The set_module_name rule that decides `node` (the last matching one), or None."""
+        """The set_module_name rule (pattern, scheme) that decides `node`: the last one matching the name of
+        a module the node lies in, or None."""
         stack = module_stack(node)
         found = None
         for rule in self.module_name_rules:
