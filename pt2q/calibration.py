@@ -21,6 +21,13 @@ def observers(graph_module: GraphModule) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in graph_module.named_modules() if isinstance(module, ObserverBase)}
 
 
+def fake_quantizers(graph_module: GraphModule) -> dict[str, torch.nn.Module]:
+    """The fake quants (QAT) of a prepared graph, by module name."""
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
+    return {name: module for name, module in graph_module.named_modules() if isinstance(module, FakeQuantizeBase)}
+
+
 def check_finite_inputs(args: tuple, kwargs: dict, batch_index: int) -> None:
     named = [(f"positional argument {i}", a) for i, a in enumerate(args)] + \
             [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]

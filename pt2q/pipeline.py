@@ -42,7 +42,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from . import meta
-from .calibration import check_batches_iterable, observers, run_calibration, sized
+from .calibration import check_batches_iterable, fake_quantizers, observers, run_calibration, sized
 from .capture import EXAMPLE_INPUTS_KEY, capture, fresh_copy, normalize_inputs
 from .config import CONFIG_KINDS, DynamicQuantConfig, SmoothQuantConfig, StaticQuantConfig
 from .errors import CalibrationError, ConfigError, NotPreparedError
@@ -607,12 +607,6 @@ def check_observers(prepared: GraphModule) -> None:
                 raise CalibrationError(f"fake quantization {where(name)} has a non-finite {attribute} (training "
                                        "diverged?); train with a lower learning rate, or keep that layer in "
                                        "fp32 with set_local(..., None)")
-
-
-def fake_quantizers(graph_module: GraphModule) -> dict[str, torch.nn.Module]:
-    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
-
-    return {name: m for name, m in graph_module.named_modules() if isinstance(m, FakeQuantizeBase)}
 
 
 def is_training_graph(graph_module: GraphModule) -> bool:

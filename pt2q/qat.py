@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from torch.fx import GraphModule
 
-from .calibration import run_calibration
+from .calibration import fake_quantizers, run_calibration
 
 
 def activation_fake_quants(prepared: GraphModule) -> dict[str, torch.nn.Module]:
@@ -43,12 +43,11 @@ def calibrate_fake_quant_ranges(prepared: GraphModule, calib_data: Iterable, obs
     restored, whatever happens."""
     from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
     from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
-    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
     from .quantizers.base import _EPS
 
     targets = activation_fake_quants(prepared)
-    every_fake_quant = [m for m in prepared.modules() if isinstance(m, FakeQuantizeBase)]
+    every_fake_quant = list(fake_quantizers(prepared).values())
     switches = [(m, bool(m.fake_quant_enabled[0]), bool(m.observer_enabled[0])) for m in every_fake_quant]
     fresh = {name: observer_cls(dtype=fq.dtype, qscheme=fq.qscheme, quant_min=fq.quant_min,
                                 quant_max=fq.quant_max, eps=_EPS) for name, fq in targets.items()}
