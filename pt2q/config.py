@@ -478,7 +478,10 @@ class AutoRoundConfig(_WeightOnlyConfig):
     batch_size: samples per step; gradient_accumulate_steps: steps whose gradients add up before each
         update. sampler: "rand" (random samples each step, from `seed`) or "fix" (in order, cycling).
     seqlen: cut each 2-D calibration input (token ids, masks) to this many positions (None: as given);
-        needs a capture with a dynamic sequence dimension (dynamic_shapes="batch_seq").
+        needs a capture with a dynamic sequence dimension (dynamic_shapes="batch_seq"). With such a
+        capture, each batch is also cut after its longest row's last unmasked position (`attention_mask`):
+        the loss leaves padding out and masked keys never reach real positions, so only the compute on
+        padding goes (the share of positions kept is in the report's findings).
     enable_minmax_tuning: train the range factors (False: offsets only). use_quant_input: feed each block
         the outputs of the quantized blocks before it (True) or of the float ones (False); the targets are
         always the float model's. not_use_mse: keep the last iterate instead of the lowest-loss one.

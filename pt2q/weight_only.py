@@ -616,6 +616,55 @@ def _cut_sequences(graph_module: GraphModule, batches: list, seqlen: int) -> lis
     return cut
 
 
+def _sequence_is_dynamic(graph_module: GraphModule, name: str) -> bool:
+    """Whether placeholder `name` was captured [batch, seq] with a symbolic seq (dynamic_shapes="batch_seq")."""
+    node = next((n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name == name), None)
+    value = None if node is None else node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and isinstance(value.shape[1], torch.SymInt)
+
+
+def _trim_padding(graph_module: GraphModule, batches: list) -> tuple[list, float]:
+    """The batches with their trailing padding cut off: every [batch, seq] input of a batch (ids, token
+    types, the mask) keeps the positions up to its longest row's last unmasked one (at least 2: a dynamic
+    dimension of torch.export starts at 2). Returns them and the share of positions kept.
+
+    For AutoRound this changes no loss: its loss leaves padded positions out, and a padded position is
+    masked as a key, so it never reaches a real one (right padding; left padding is left as it is). What
+    it saves is the compute on padding, most of a batch of short sentences padded to a fixed length.
+    Done only where it can run: a capture with a dynamic sequence dimension and a keyword `attention_mask`;
+    a batch holding any other tensor with a dimension of the sequence's length is left whole."""
+    from .capture import normalize_inputs
+
+    if not _sequence_is_dynamic(graph_module, "attention_mask"):
+        return batches, 1.0
+    trimmed, kept, total = [], 0, 0
+    for batch in batches:
+        args, kwargs = normalize_inputs(batch)
+        mask = kwargs.get("attention_mask")
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            trimmed.append(batch)
+            continue
+        seq = mask.shape[1]
+        laid_out = [t for t in tensors if t.dim() == 2 and t.shape == mask.shape]
+        elsewhere = any(seq in t.shape for t in tensors if not any(t is u for u in laid_out))
+        used = (mask != 0).any(0).nonzero()
+        length = min(seq, max(2, int(used.max()) + 1 if used.numel() else 0))
+        total += mask.numel()
+        if elsewhere or length == seq:
+            kept += mask.numel()
+            trimmed.append(batch)
+            continue
+        kept += mask.shape[0] * length
+
+        def cut(value):
+            return value[:, :length] if any(value is t for t in laid_out) else value
+
+        args, kwargs = tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+        trimmed.append(kwargs if not args else (args, kwargs))
+    return trimmed, (kept / total if total else 1.0)
+
+
 def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iterable, *,
               progress: bool = True) -> int:
     """Run the plan's sequential algorithm block by block (a no-op for RTN). Layers outside every block
@@ -644,6 +693,13 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
     seqlen = next((c.seqlen for c in configs if getattr(c, "seqlen", None) is not None), None)
     if seqlen is not None:
         batches = _cut_sequences(graph_module, batches, seqlen)
+    if all(c.algorithm == "autoround" for c in configs):
+        # exact for AutoRound only (see _trim_padding): GPTQ's and AWQ's statistics include every position
+        batches, share = _trim_padding(graph_module, batches)
+        plan_.state["autoround_positions_kept"] = share
+        if share < 1.0:
+            log.info("autoround: trailing padding cut from the calibration batches: %.1f%% of positions kept",
+                     100 * share)
     blocks_per_unit = max(getattr(c, "n_blocks", 1) for c in configs)
     runner = SequentialRunner(graph_module, batches, progress=progress, desc=f"pt2q {config.algorithm}",
                               blocks_per_unit=blocks_per_unit)
@@ -717,7 +773,7 @@ def apply(graph_module: GraphModule, plan_: WeightOnlyPlan) -> WeightOnlyReport:
 
 
 # plan.state entries that go into the report (the others hold graph objects for the algorithms' own use).
-REPORTED_FINDINGS = ("autoround", "awq_scales", "teq")
+REPORTED_FINDINGS = ("autoround", "autoround_positions_kept", "awq_scales", "teq")
 
 
 def _pack(graph_module: GraphModule, plan_: WeightOnlyPlan, names: list[str]) -> None:

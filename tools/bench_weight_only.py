@@ -23,6 +23,8 @@ per channel. Rows per setting, each peer right after the pt2q row it compares wi
   quantize() leaves q/dq float weights, scored like the others; the row lists the linears it left float;
 - `pt2q_autoround_bf16` / `autoround_pkg_bf16`: the same pair in bf16 (pt2q amp=True: bf16 autocast;
   auto-round amp=True, its CPU default: the block cast to bf16), both scored in fp32.
+  Both pt2q AutoRound rows capture MiniLM with dynamic_shapes="batch_seq", so AutoRound cuts each batch's
+  trailing padding (the row's positions_kept); the loss masks padding either way (so does auto-round's).
 The trained rows run at the settings their targets read (TRAINED_SETTINGS: TEQ and the bf16 pair at
 W4_g32_sym, AutoRound at W4_g32_sym and both W3 settings); --trained-everywhere runs them at every setting.
 --quick cuts AutoRound's iters and TEQ's steps to 4 (both packages alike).
@@ -119,6 +121,8 @@ TRAINED_SETTINGS = {
     "pt2q_autoround": ("W4_g32_sym", "W3_g32_sym", "W3_g32_asym"),
     "pt2q_autoround_bf16": ("W4_g32_sym",),
 }
+# Rows captured with a dynamic sequence: AutoRound then skips the compute on padding (AutoRoundConfig.seqlen)
+DYNAMIC_SEQ_METHODS = ("pt2q_autoround", "pt2q_autoround_bf16")
 HQQ_SYM_NOTE = ("HQQ is asymmetric (float32 zero point per group): this sym setting runs it with sym=False, "
                 "the setting's bits and group size; hqq_pkg likewise")
 # INC methods per setting (its 3.x API; W8 per channel: RTN only, as a reference point).
@@ -194,10 +198,10 @@ def archive_bytes(graph_module) -> int:
 # ---------------------------------------------------------------------------------------------- Part 1
 
 
-def run_pt2q(model, config, calib, evaluation, keep: dict | None = None) -> dict:
+def run_pt2q(model, config, calib, evaluation, keep: dict | None = None, dynamic_shapes=None) -> dict:
     """Quantize, time and score one pt2q config; `keep["layers"]` gets the quantized linears' module names."""
     with Clock() as clock:
-        qmodel = pt2q.quantize(model, config, calib, progress=False)
+        qmodel = pt2q.quantize(model, config, calib, dynamic_shapes=dynamic_shapes, progress=False)
     report = qmodel.meta.get("pt2q_weight_only_report")
     modules = [] if report is None else [info.get("module", node) for node, info in report.layers.items()]
     if keep is not None and report is not None:
@@ -210,6 +214,10 @@ def run_pt2q(model, config, calib, evaluation, keep: dict | None = None) -> dict
                        calibration_s=report.calibration_seconds)
         if config.algorithm == "hqq":
             figures["quantized_layer_names"] = modules
+        if "autoround_positions_kept" in report.findings:
+            figures["positions_kept"] = report.findings["autoround_positions_kept"]
+    if dynamic_shapes is not None:
+        figures["dynamic_shapes"] = dynamic_shapes
     return figures
 
 
@@ -395,8 +403,9 @@ def minilm_part(args, part: dict) -> dict:
             algorithm = method.removeprefix("pt2q_")
             keep = hqq_layers if algorithm == "hqq" else None
             note = {"note": HQQ_SYM_NOTE} if algorithm == "hqq" and setting["sym"] else {}
-            jobs.append((method, lambda make=make_config, k=keep, n=note: {
-                **run_pt2q(model, make(setting, steps), calib, evaluation, keep=k), **n}))
+            shapes = "batch_seq" if method in DYNAMIC_SEQ_METHODS else None
+            jobs.append((method, lambda make=make_config, k=keep, n=note, d=shapes: {
+                **run_pt2q(model, make(setting, steps), calib, evaluation, keep=k, dynamic_shapes=d), **n}))
             if args.skip_peers:
                 continue
             if algorithm in INC_METHODS.get(name, ()):

@@ -300,6 +300,50 @@ def test_seqlen_cuts_a_dynamic_capture_and_refuses_a_static_one(llama):
         pt2q.quantize(llama.model, config, long_calib, example_inputs=long_calib[0], progress=False)
 
 
+def test_trailing_padding_is_cut_on_a_dynamic_capture_without_changing_the_loss(llama):
+    """Right-padded batches: on a capture with a dynamic sequence, each batch is cut to its longest row
+    (the compute on padding is skipped); the round-to-nearest block losses are those of the static capture
+    that runs the padding (the loss masks it), and training still lowers them."""
+    batches = token_batches(3, seed=7, length=16)
+    for batch, padding in zip(batches, (5, 9, 0)):
+        if padding:
+            batch["attention_mask"][:, -padding:] = 0
+    batches[1]["attention_mask"][0, -9:-7] = 1    # row 0 is longer: the batch keeps 9 positions
+    static = pt2q.capture(llama.model, (), batches[0])
+    dynamic = pt2q.capture(llama.model, (), batches[0], dynamic_shapes="batch_seq")
+    untrained = AutoRoundConfig(bits=3, group_size=16, iters=0, batch_size=1)
+    full, cut = (pt2q.quantize(gm, untrained, batches, progress=False) for gm in (static, dynamic))
+    report = cut.meta[WEIGHT_ONLY_REPORT_KEY].findings
+    assert report["autoround_positions_kept"] == pytest.approx((2 * 11 + 2 * 9 + 2 * 16) / (3 * 2 * 16))
+    assert full.meta[WEIGHT_ONLY_REPORT_KEY].findings["autoround_positions_kept"] == 1.0
+    for name, block in findings(full).items():
+        assert findings(cut)[name]["initial_loss"] == pytest.approx(block["initial_loss"], rel=1e-5)
+    config = AutoRoundConfig(bits=3, group_size=16, iters=20, batch_size=1)
+    trained_full, trained_cut = (pt2q.quantize(gm, config, batches, progress=False) for gm in (static, dynamic))
+    for name, block in findings(trained_cut).items():
+        assert block["final_loss"] < block["initial_loss"]
+        # the same training up to rounding in the matmuls (seen here: 7 equal digits)
+        assert block["final_loss"] == pytest.approx(findings(trained_full)[name]["final_loss"], rel=0.05)
+
+
+def test_trim_padding_leaves_what_it_cannot_cut_exactly(llama):
+    from pt2q.weight_only import _trim_padding
+
+    padded = token_batches(1, seed=3, length=10)[0]
+    padded["attention_mask"][:, -4:] = 0
+    dynamic = pt2q.capture(llama.model, (), padded, dynamic_shapes="batch_seq")
+    (cut,), share = _trim_padding(dynamic, [padded])
+    assert cut["input_ids"].shape == (2, 6) and cut["attention_mask"].shape == (2, 6) and share == 0.6
+    assert torch.equal(cut["input_ids"], padded["input_ids"][:, :6])
+    static = pt2q.capture(llama.model, (), padded)
+    result, share = _trim_padding(static, [padded])                    # its graph runs 10 positions only
+    assert result[0] is padded and share == 1.0
+    other = dict(padded, extra=torch.zeros(2, 10, 3))                  # a tensor laid out on the sequence
+    assert _trim_padding(dynamic, [other])[0][0] is other
+    short = dict(padded, attention_mask=torch.zeros_like(padded["attention_mask"]))
+    assert _trim_padding(dynamic, [short])[0][0]["input_ids"].shape == (2, 2)  # a dynamic dim starts at 2
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(iters=-1), r"AutoRoundConfig.iters=-1"), (dict(lr=0.0), r"AutoRoundConfig.lr=0.0"),
     (dict(minmax_lr=-1e-3), r"AutoRoundConfig.minmax_lr"), (dict(batch_size=0), r"AutoRoundConfig.batch_size=0"),
