@@ -700,6 +700,15 @@ def calibrate(graph_module: GraphModule, plan_: WeightOnlyPlan, calib_data: Iter
         if share < 1.0:
             log.info("autoround: trailing padding cut from the calibration batches: %.1f%% of positions kept",
                      100 * share)
+        elif not _sequence_is_dynamic(graph_module, "attention_mask"):
+            from .capture import normalize_inputs
+
+            masks = [m for m in (normalize_inputs(b)[1].get("attention_mask") for b in batches)
+                     if isinstance(m, torch.Tensor) and m.dim() == 2]
+            padding = sum(int((m == 0).sum()) for m in masks) / max(sum(m.numel() for m in masks), 1)
+            if padding > 0.1:
+                log.info("autoround: %.0f%% of the calibration positions are padding; capture with "
+                         "dynamic_shapes='batch_seq' to skip their compute", 100 * padding)
     blocks_per_unit = max(getattr(c, "n_blocks", 1) for c in configs)
     runner = SequentialRunner(graph_module, batches, progress=progress, desc=f"pt2q {config.algorithm}",
                               blocks_per_unit=blocks_per_unit)

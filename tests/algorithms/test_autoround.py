@@ -429,3 +429,12 @@ def test_final_loss_from_the_last_run_measures_what_tune_measures(llama, calib):
     (no extra pass), equals the initial one tune measured with its own forward."""
     for block in findings(quantize(llama, AutoRoundConfig(bits=3, group_size=16, iters=0, batch_size=4), calib)).values():
         assert block["final_loss"] == pytest.approx(block["initial_loss"], rel=1e-6)
+
+
+def test_a_static_capture_of_padded_batches_gets_a_hint(llama, caplog):
+    batches = token_batches(2, seed=4, length=12)
+    for batch in batches:
+        batch["attention_mask"][:, -6:] = 0
+    with caplog.at_level("INFO", logger="pt2q"):
+        quantize(llama, AutoRoundConfig(bits=4, group_size=32, iters=0), batches)
+    assert "50% of the calibration positions are padding; capture with dynamic_shapes='batch_seq'" in caplog.text
