@@ -14,6 +14,9 @@
   (pt2q's fused GEMV kernels for one row, ATen's int8/int4 kernels otherwise; a table by ISA) on a copy
   of the graph (`weight_only.LowerWeightOnly`; the caller's model is
   untouched); what each layer got is `weight_only_kernels` (layer -> kernel name or "fallback: reason").
+- Attention (`aten.scaled_dot_product_attention`) of a quantized graph runs pt2q's fused bf16 attention
+  kernel where the CPU has AVX512-BF16 (`attention="auto"`; attention.LowerAttention, same copy); what
+  each attention got is `attention_kernels`.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from ... import meta
 from ...capture import normalize_inputs
 from ...graph import VIEW_OPS, is_float_tensor
 from ...isa import detect
+from .attention import ATTENTION_CHOICES, AttentionReport, LowerAttention, has_attention
 from .saturation import warn_if_saturating
 from .weight_only import LowerWeightOnly, WeightOnlyReport
 
@@ -79,10 +83,12 @@ def _clone_float_tensors(tree):
 class CompiledQuantModel:
     """The callable `compile` returns. Attributes: `int8_kernels` (kernel name -> count),
     `guarded_inputs` (graph inputs cloned before each call), `options`, `weight_only_kernels`
-    (weight-only linear -> kernel name or "fallback: reason") and `weight_only_report`."""
+    (weight-only linear -> kernel name or "fallback: reason"), `weight_only_report` and
+    `attention_kernels` (attention node -> "pt2q::attention_bf16" or "aten: reason")."""
 
     def __init__(self, compiled, config_patch: dict, guarded_inputs: list[str], int8_kernels: dict[str, int],
-                 options: dict, weight_only_report: WeightOnlyReport | None = None):
+                 options: dict, weight_only_report: WeightOnlyReport | None = None,
+                 attention_report: AttentionReport | None = None):
         self._compiled = compiled
         self._config_patch = config_patch
         self.guarded_inputs = guarded_inputs
@@ -90,6 +96,8 @@ class CompiledQuantModel:
         self.options = options
         self.weight_only_report = weight_only_report if weight_only_report is not None else WeightOnlyReport()
         self.weight_only_kernels = self.weight_only_report.kernels()
+        self.attention_report = attention_report if attention_report is not None else AttentionReport()
+        self.attention_kernels = dict(self.attention_report.nodes)
 
     @property
     def num_int8_kernels(self) -> int:
@@ -135,12 +143,13 @@ def _written_inputs(after, before) -> list[int]:
             if isinstance(a, torch.Tensor) and not torch.equal(a, b)]
 
 
-def _lower_weight_only(qmodel, *, dynamic_activations: bool, activation_dtype, flat: bool = False):
-    """(graph to compile, WeightOnlyReport): `qmodel`'s graph with its weight-only layers rewritten into
-    kernels and its dynamic int8 qparams computed as the op does (DynamicQparamsIncludeZero: Inductor's
-    own decomposition leaves 0 out of the range), on a new GraphModule sharing `qmodel`'s tensors
-    (`qmodel` itself is not changed). Graphs with neither come back as they are, unless `flat` asks for
-    the flat-tuple codegen."""
+def _lower(qmodel, *, dynamic_activations: bool, activation_dtype, flat: bool = False,
+           attention: bool = False):
+    """(graph to compile, WeightOnlyReport, AttentionReport): `qmodel`'s graph with its weight-only layers
+    rewritten into kernels, its dynamic int8 qparams computed as the op does (DynamicQparamsIncludeZero:
+    Inductor's own decomposition leaves 0 out of the range) and, with `attention`, its attention lowered
+    to pt2q's kernel, on a new GraphModule sharing `qmodel`'s tensors (`qmodel` itself is not changed).
+    Graphs with none of these come back as they are, unless `flat` asks for the flat-tuple codegen."""
     from ...ops import DEQUANTIZE_WEIGHT
     from ...passes.dynamic_qparams_include_zero import CHOOSE_QPARAMS, DynamicQparamsIncludeZero
     from ...passes.manager import PassManager
@@ -150,8 +159,10 @@ def _lower_weight_only(qmodel, *, dynamic_activations: bool, activation_dtype, f
         qmodel.graph.find_nodes(op="call_function", target=DEQUANTIZE_WEIGHT))
     has_dynamic = isinstance(qmodel, GraphModule) and any(
         qmodel.graph.find_nodes(op="call_function", target=CHOOSE_QPARAMS))
-    if not (has_weight_only or has_dynamic or flat):
-        return qmodel, lower.report
+    lower_attention = LowerAttention()
+    attention = attention and isinstance(qmodel, GraphModule) and has_attention(qmodel)
+    if not (has_weight_only or has_dynamic or flat or attention):
+        return qmodel, lower.report, lower_attention.report
     # The copy shares qmodel's tensors; the pass only adds constants to it and drops unused ones from it.
     with warnings.catch_warnings():
         # deep-copying an exported graph's pytree codegen trips a torch-internal LeafSpec deprecation
@@ -165,11 +176,48 @@ def _lower_weight_only(qmodel, *, dynamic_activations: bool, activation_dtype, f
         lowered, _ = PassManager([DynamicQparamsIncludeZero()])(lowered)
     if has_weight_only:
         lowered, _ = PassManager([lower])(lowered)
-    return lowered, lower.report
+    if attention:
+        lowered, _ = PassManager([lower_attention])(lowered)
+    return lowered, lower.report, lower_attention.report
+
+
+def is_quantized(graph_module) -> bool:
+    """Whether the graph holds quantized ops (Q/DQ of torchao / PT2E, or pt2q's packed weights)."""
+    if not isinstance(graph_module, GraphModule):
+        return False
+    return any(node.op == "call_function" and getattr(node.target, "namespace", None) in
+               ("quantized_decomposed", "pt2q", "torchao") for node in graph_module.graph.nodes)
+
+
+def _use_attention_kernel(choice: str, qmodel) -> bool:
+    """`attention` of compile(): "auto" -> pt2q's bf16 kernel for quantized graphs on a CPU with
+    AVX512-BF16, and only if it builds (else ATen's, logged); "bf16" -> the kernel, or an error saying why
+    not; "aten" -> ATen's SDPA."""
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention={choice!r}: use one of {ATTENTION_CHOICES}")
+    if choice == "aten":
+        return False
+    isa = detect()
+    if choice == "bf16":
+        if not isa.avx512_bf16:
+            raise ValueError("attention='bf16' needs a CPU with AVX512-BF16 (this one: "
+                             f"{isa.describe()}); use attention='aten'")
+        return True
+    if not (isa.avx512_bf16 and is_quantized(qmodel)):
+        return False
+    from .kernels import KernelsUnavailable, load
+
+    try:
+        load()
+    except KernelsUnavailable as error:
+        log.info("pt2q inductor: ATen's attention (%s)", error)
+        return False
+    return True
 
 
 def _finish(compiled, qmodel, sources, guard_inputs, config_patch, options, warm, before,
-            weight_only: WeightOnlyReport | None = None) -> CompiledQuantModel:
+            weight_only: WeightOnlyReport | None = None,
+            attention: AttentionReport | None = None) -> CompiledQuantModel:
     guarded = inputs_reaching_add(qmodel) if (guard_inputs and isinstance(qmodel, GraphModule)) else []
     written = _written_inputs(warm, before)
     if written and guard_inputs and not guarded:
@@ -178,7 +226,9 @@ def _finish(compiled, qmodel, sources, guard_inputs, config_patch, options, warm
         guarded = [f"input_{i}" for i in written]
     kernels = _count_int8_kernels(sources)
     log.info("pt2q inductor: int8 kernels %s; guarded inputs %s", kernels or "none", guarded or "none")
-    return CompiledQuantModel(compiled, config_patch, guarded, kernels, options, weight_only)
+    if attention is not None and attention.nodes:
+        log.info("pt2q inductor: %s", attention.summary())
+    return CompiledQuantModel(compiled, config_patch, guarded, kernels, options, weight_only, attention)
 
 
 def _compile_and_warm_up(target, args: tuple, kwargs: dict, options: dict, *, dynamic: bool | None):
@@ -199,7 +249,8 @@ def _compile_and_warm_up(target, args: tuple, kwargs: dict, options: dict, *, dy
 def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None = None,
             dynamic: bool | None = None, max_autotune: bool = False,
             guard_inputs: bool = True, dynamic_activations: bool = False,
-            weight_only_activation_dtype: torch.dtype = torch.bfloat16) -> CompiledQuantModel:
+            weight_only_activation_dtype: torch.dtype = torch.bfloat16,
+            attention: str = "auto") -> CompiledQuantModel:
     """Compile `qmodel` (from `pt2q.quantize`/`convert`, or any PT2E Q/DQ model) with Inductor.
 
     The first call happens here, on copies of `example_inputs`, so the returned callable is ready.
@@ -213,7 +264,9 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
     linear they replace (batch 1, 5632x2048 on 2 cores: int8 4.8 ms / int4 10 ms in fp32 vs 0.30 / 0.36 ms
     in bf16, fp32 F.linear 2.1 ms). `dynamic_activations`: int8 dynamic activations for 4-bit weights
     when torchao's da8w4 CPU kernel is available (not in the pinned torchao: the int4 kernel is used and
-    the reason logged).
+    the reason logged). `attention`: "auto" (pt2q's fused bf16 attention kernel for a quantized graph
+    on a CPU with AVX512-BF16, ATen's SDPA otherwise), "bf16" (the kernel; an error without AVX512-BF16)
+    or "aten"; see attention.py and `attention_kernels`.
     """
     args, kwargs = normalize_inputs(example_inputs)
     if mixed_bf16 is None:
@@ -224,27 +277,31 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
                       "are emulated and usually slower than fp32 here", UserWarning, stacklevel=2)
     warn_if_saturating(qmodel, "pt2q.backends.inductor.compile")
     options = {"freezing": True, "max_autotune": max_autotune}
-    lowered, weight_only = _lower_weight_only(qmodel, dynamic_activations=dynamic_activations,
-                                              activation_dtype=weight_only_activation_dtype)
+    lowered, weight_only, attention_report = _lower(
+        qmodel, dynamic_activations=dynamic_activations, activation_dtype=weight_only_activation_dtype,
+        attention=_use_attention_kernel(attention, qmodel))
     target = _with_autocast(lowered, torch.bfloat16) if mixed_bf16 else lowered
     compiled, sources, warm, before = _compile_and_warm_up(target, args, kwargs, options, dynamic=dynamic)
     return _finish(compiled, lowered, sources, guard_inputs, options,
                    {**options, "mixed_bf16": mixed_bf16, "dynamic": dynamic,
-                    "dynamic_activations": dynamic_activations,
-                    "weight_only_activation_dtype": weight_only.activation_dtype}, warm, before, weight_only)
+                    "dynamic_activations": dynamic_activations, "attention": attention,
+                    "weight_only_activation_dtype": weight_only.activation_dtype}, warm, before, weight_only,
+                   attention_report)
 
 
 def compile_graph(qmodel: GraphModule, flat_inputs: tuple, *, guard_inputs: bool = True,
                   dynamic_activations: bool = False,
-                  weight_only_activation_dtype: torch.dtype = torch.bfloat16) -> CompiledQuantModel:
+                  weight_only_activation_dtype: torch.dtype = torch.bfloat16,
+                  attention: str = "auto") -> CompiledQuantModel:
     """Lower `qmodel` with Inductor's `compile_fx`, without Dynamo: for callers that already run inside
     a Dynamo compile (the `pt2q` torch.compile backend). Takes and returns flat tuples. The weight-only
-    options are `compile`'s."""
+    and attention options are `compile`'s."""
     from torch._inductor.compile_fx import compile_fx
 
     warn_if_saturating(qmodel, "pt2q.backends.inductor.compile_graph")
-    flat, weight_only = _lower_weight_only(qmodel, dynamic_activations=dynamic_activations,
-                                           activation_dtype=weight_only_activation_dtype, flat=True)
+    flat, weight_only, attention_report = _lower(
+        qmodel, dynamic_activations=dynamic_activations, activation_dtype=weight_only_activation_dtype, flat=True,
+        attention=_use_attention_kernel(attention, qmodel))
     options = {"freezing": True}
     warm = _clone_tensors(tuple(flat_inputs))
     before = _clone_tensors(warm)
@@ -253,4 +310,5 @@ def compile_graph(qmodel: GraphModule, flat_inputs: tuple, *, guard_inputs: bool
         warnings.filterwarnings("ignore", message="To copy construct from a tensor")
         compiled = compile_fx(flat, list(warm))
         compiled(*warm)
-    return _finish(compiled, qmodel, sources, guard_inputs, options, dict(options), warm, before, weight_only)
+    return _finish(compiled, qmodel, sources, guard_inputs, options, dict(options), warm, before, weight_only,
+                   attention_report)

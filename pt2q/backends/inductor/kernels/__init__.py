@@ -1,11 +1,13 @@
-"""pt2q's own fused dequantize + GEMV kernels for packed int4 / int8 weights (x86 AVX2+FMA and AVX-512).
+"""pt2q's own CPU kernels: fused dequantize + GEMV for packed int4 / int8 weights (x86 AVX2+FMA and
+AVX-512), and a fused attention with bf16 dot products (AVX512-BF16).
 
-The C++ (weight_only.cpp, weight_only_body.h) is compiled on first use with torch's own extension
-toolchain (`torch.utils.cpp_extension.load`: the system C++ compiler and ninja; cached in torch's extension
-directory, keyed by a hash of the sources), and registers four CPU ops in the `pt2q` namespace:
+The C++ (weight_only.cpp, weight_only_body.h, attention.cpp) is compiled on first use with torch's own
+extension toolchain (`torch.utils.cpp_extension.load`: the system C++ compiler and ninja; cached in torch's
+extension directory, keyed by a hash of the sources), and registers five CPU ops in the `pt2q` namespace:
 
     pt2q::int4_linear_avx2, pt2q::int8_linear_avx2, pt2q::int4_linear_avx512, pt2q::int8_linear_avx512
     (x [M, K] fp32/bf16/fp16, words, scales, zero_terms, group_size, out_features) -> [M, N] in x's dtype
+    pt2q::attention_bf16(q, k, v, mask, scale, is_causal): see attention.cpp and ../attention.py
 
 with fake kernels registered here, so Inductor keeps them as extern calls and the graph exports. `load()`
 raises `KernelsUnavailable` (the build error, what to install) when no compiler works; the lowering then
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["KERNEL_OPS", "LANES", "KernelsUnavailable", "block_columns", "fits_group", "kernel_op", "load", "pack"]
 
-_SOURCES = ("weight_only.cpp", "weight_only_body.h")
+_SOURCES = ("weight_only.cpp", "weight_only_body.h", "attention.cpp")
+_COMPILED = ("weight_only.cpp", "attention.cpp")
 LANES = {"avx2": 8, "avx512": 16}
 KERNEL_OPS = {(bits, isa): f"int{bits}_linear_{isa}" for bits in (4, 8) for isa in LANES}
 
@@ -65,7 +68,7 @@ def _build() -> str | None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name=f"pt2q_weight_only_{digest}", sources=[str(here / "weight_only.cpp")],
+        cpp_extension.load(name=f"pt2q_kernels_{digest}", sources=[str(here / name) for name in _COMPILED],
                            extra_cflags=["-O3"], extra_include_paths=[str(here)], is_python_module=False,
                            verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a build error: all mean "unavailable"
@@ -73,7 +76,15 @@ def _build() -> str | None:
         return f"{type(error).__name__}: {' | '.join(lines[-3:])[:600]}"
     for name in KERNEL_OPS.values():
         torch.library.register_fake(f"pt2q::{name}")(_fake)
+    torch.library.register_fake("pt2q::attention_bf16")(_fake_attention)
     return None
+
+
+def _fake_attention(q, k, v, mask, scale, is_causal):
+    torch._check(q.dim() == 4, lambda: f"pt2q attention kernel: q must be 4-D, got {q.dim()}-D")
+    batch, heads, length, width = q.shape
+    # the real kernel's layout: [B, S, H, D] memory seen as [B, H, S, D]
+    return q.new_empty((batch, length, heads, width)).transpose(1, 2)
 
 
 def _fake(x, words, scales, zero_terms, group_size, out_features):
