@@ -24,7 +24,7 @@ from .targets import compile  # noqa: E402,A001 - pt2q.compile(qmodel, example_i
 from .autotune import TuningResult, autotune, get_int8_tuning_config, get_woq_tuning_config  # noqa: E402
 from .config import TuningConfig  # noqa: E402
 from .config import HQQConfig  # noqa: E402
-from .errors import TuningError  # noqa: E402
+from .errors import CoverageError, TuningError  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -34,7 +34,7 @@ __all__ = [
     "SmoothQuantConfig", "StaticQuantConfig", "TEQConfig", "WeightOnlyQuantConfig", "X86Quantizer", "XPUQuantizer", "calibrate", "capture", "convert",
     "count_quantized_layers", "load", "prepare", "prepare_qat", "quantize", "save", "smooth_quant", "transfer_quantized_weights",
     "WeightTransferError", "compile", "target_device", "HQQConfig",
-    "TuningConfig", "TuningError", "TuningResult", "autotune", "get_int8_tuning_config", "get_woq_tuning_config",
+    "CoverageError", "TuningConfig", "TuningError", "TuningResult", "autotune", "get_int8_tuning_config", "get_woq_tuning_config",
 ]
 
 

@@ -74,21 +74,24 @@ def calibrate(prepared: GraphModule, calib_data: Iterable, *, progress: bool = T
     return pipeline.calibrate(prepared, calib_data, progress=progress)
 
 
-def convert(prepared: GraphModule) -> GraphModule:
+def convert(prepared: GraphModule, *, require_full_coverage: bool = False) -> GraphModule:
     """Turn a calibrated prepared model into the quantized GraphModule (Q/DQ for int8, packed weights for
     weight-only). This consumes `prepared`: calibrating or converting it again raises NotPreparedError.
-    A model prepared by torchao's `prepare_pt2e` (with our quantizer or another) is converted as torchao does."""
+    A model prepared by torchao's `prepare_pt2e` (with our quantizer or another) is converted as torchao does.
+    `meta["pt2q_report"]` of the result lists the weighted ops left in float and why (pt2q.coverage), with
+    one warning line for those the config did not ask for; `require_full_coverage=True` raises
+    CoverageError naming the first of them instead."""
     if not isinstance(prepared, GraphModule) or not (observers(prepared) or prepared.meta.get(PREPARED_KEY)
                                                      or prepared.meta.get(CONVERTED_KEY)):
         raise NotPreparedError(
             f"convert() takes a model returned by pt2q.prepare() (or torchao prepare_pt2e) and calibrated; "
             f"got a {type(prepared).__name__} with no observers")
-    return pipeline.convert(prepared)
+    return pipeline.convert(prepared, require_full_coverage=require_full_coverage)
 
 
 def quantize(model: torch.nn.Module, config: Config | None, calib_data: Iterable | None = None, *,
              example_inputs: Any = None, dynamic_shapes: Any = None, progress: bool = True,
-             backend: str | None = None) -> GraphModule:
+             backend: str | None = None, require_full_coverage: bool = False) -> GraphModule:
     """prepare + calibrate + convert in one call.
 
     `calib_data`: an iterable of batches, each a tuple of positional inputs or a dict of keyword inputs.
@@ -97,6 +100,7 @@ def quantize(model: torch.nn.Module, config: Config | None, calib_data: Iterable
     "cuda"): the config is adjusted to what runs there (int8 for the X86 or XPU quantizer; an HPU takes
     FP8Config), and config=None takes that device's default (pt2q.targets). None: the config decides.
     With `PT2Q_DUMP_DIR` set, every pass is also dumped (text, diffs, numeric report, HTML): pt2q.debug.
+    `require_full_coverage`: see `convert` (`qmodel.meta["pt2q_report"]` always says what stayed float).
     """
     if backend is not None:
         from . import targets
@@ -109,7 +113,8 @@ def quantize(model: torch.nn.Module, config: Config | None, calib_data: Iterable
         return dump_quantize(model, config, calib_data, example_inputs=example_inputs,
                              dynamic_shapes=dynamic_shapes, progress=progress)
     return pipeline.quantize(model, config, calib_data, example_inputs=example_inputs,
-                             dynamic_shapes=dynamic_shapes, progress=progress)
+                             dynamic_shapes=dynamic_shapes, progress=progress,
+                             require_full_coverage=require_full_coverage)
 
 
 def measure(model: torch.nn.Module, config: FP8Config, calib_data: Iterable, path: str | os.PathLike, *,

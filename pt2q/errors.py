@@ -51,3 +51,12 @@ class TuningError(Pt2qError, RuntimeError):
     def __init__(self, message: str, trial: int | None = None):
         super().__init__(message)
         self.trial = trial
+
+
+class CoverageError(Pt2qError, RuntimeError):
+    """`require_full_coverage=True` and a weighted op was left in float without the config asking for it;
+    the message names the first one, `.report` is the whole `pt2q.coverage.CoverageReport`."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report

@@ -20,6 +20,7 @@ SAVED_METADATA = "pt2q_saved_metadata"        # pt2q's metadata read back by loa
 WEIGHT_ONLY_PLAN = "pt2q_weight_only_plan"    # layers to quantize and, once calibrated, their quantized weights
 WEIGHT_ONLY_REPORT = "pt2q_weight_only_report"  # what weight-only quantization did, per layer
 WEIGHT_TRANSFER_REPORT = "pt2q_weight_transfer_report"  # which packed weights transfer_quantized_weights carried
+COVERAGE = "pt2q_report"                      # pt2q.coverage.CoverageReport: weighted ops left float, and why
 TUNING = "pt2q_tuning"                        # pt2q.autotune's trial table (JSON data; save() keeps it)
 
 # -- Node.meta ---------------------------------------------------------------------------------------------

@@ -449,8 +449,10 @@ def calibrate(prepared: GraphModule, calib_data: Iterable, *, progress: bool = T
     return stage.batch_count
 
 
-def convert(prepared: GraphModule) -> GraphModule:
-    """Run the pipeline's convert stages. The prepared model is consumed (torchao converts in place)."""
+def convert(prepared: GraphModule, *, require_full_coverage: bool = False) -> GraphModule:
+    """Run the pipeline's convert stages. The prepared model is consumed (torchao converts in place).
+    The converted model's `meta["pt2q_report"]` lists the weighted ops left float and why (pt2q.coverage);
+    `require_full_coverage` raises CoverageError for one the config did not ask to keep float."""
     check_not_converted(prepared, "convert()")
     if isinstance(prepared, GraphModule) and meta.PIPELINE not in prepared.meta and observers(prepared):
         # prepared by torchao's prepare_pt2e with our quantizer (or any): convert as torchao does
@@ -466,17 +468,21 @@ def convert(prepared: GraphModule) -> GraphModule:
         converted.meta.pop(key, None)
     if not isinstance(pipeline.config, SmoothQuantConfig):
         converted.meta[meta.QUANTIZED] = True
+        from .coverage import check_coverage, coverage_report
+
+        report = converted.meta[meta.COVERAGE] = coverage_report(converted, pipeline.config)
+        check_coverage(report, require_full=require_full_coverage)
     return converted
 
 
 def quantize(model: torch.nn.Module, config, calib_data: Iterable | None = None, *, example_inputs: Any = None,
              dynamic_shapes: Any = None, progress: bool = True, caller: str = "quantize()",
-             desc: str = "pt2q calibrate") -> GraphModule:
+             desc: str = "pt2q calibrate", require_full_coverage: bool = False) -> GraphModule:
     """prepare, calibrate and convert: the whole pipeline."""
     calib_data, example_inputs = split_calibration_data(config, calib_data, example_inputs, caller)
     prepared = prepare(model, config, example_inputs, dynamic_shapes=dynamic_shapes, caller=caller)
     calibrate(prepared, calib_data, progress=progress, desc=desc)
-    return convert(prepared)
+    return convert(prepared, require_full_coverage=require_full_coverage)
 
 
 def split_calibration_data(config, calib_data: Iterable | None, example_inputs: Any,
