@@ -133,3 +133,58 @@ def test_gpt2_every_conv1d_is_rewritten(zoo):
     assert result.modified and len(graph_pass.report) == 8
     assert count_of(gm, aten.addmm.default) == 0 and count_of(gm, aten.linear.default) == 8
     torch.testing.assert_close(zm.output_fn(call(gm, zm.args, zm.kwargs)), expected, rtol=1e-5, atol=1e-5)
+
+
+class Spellings(nn.Module):
+    """One linear written seven ways, with weights stored [out, in] (w) and [in, out] (u)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16))
+        self.u = nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x):
+        return (x @ self.w.T, torch.matmul(x, self.w.t()), torch.matmul(x, self.u), x @ self.w.transpose(0, 1),
+                torch.einsum("bsi,oi->bso", x, self.w), torch.einsum("...i,io->...o", x, self.u),
+                nn.functional.linear(x, self.w))
+
+
+def test_every_spelling_of_a_constant_matmul_becomes_a_linear():
+    x = torch.randn(2, 3, 16)
+    gm, result, graph_pass, expected = _run_pass(Spellings(), x)
+    assert result.modified and len(graph_pass.report) == 6
+    assert count_of(gm, aten.linear.default) == 7
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (
+        aten.matmul.default, aten.einsum.default, aten.numpy_T.default, aten.t.default, aten.transpose.int)]
+    for weights in (linear.args[1] for linear in nodes_of(gm, aten.linear.default)):
+        assert get_constant(gm, weights).shape == (8, 16)
+    for got, want in zip(call(gm, (x,)), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_constant_matmul_is_quantized_and_covered():
+    x = torch.randn(2, 3, 16)
+    qmodel = pt2q.quantize(Spellings().eval(), pt2q.StaticQuantConfig(), [(x,)], progress=False,
+                           require_full_coverage=True)
+    report = qmodel.meta["pt2q_report"]
+    assert report.quantized_layers == 7 and report.share == 1.0
+
+
+class NotLinears(nn.Module):
+    """einsums and matmuls that are not a linear on x's last dimension: left alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16))
+        self.table = nn.Parameter(torch.randn(3, 16))
+
+    def forward(self, x, y):
+        return (torch.einsum("bsi,ij->bsj", x, y[0]),               # both operands activations
+                torch.einsum("bsi,si->bs", x, self.table),          # contracts with a position table
+                torch.matmul(self.w, x.transpose(1, 2)))            # the constant on the left
+
+
+def test_matmuls_that_are_not_linears_are_left_alone():
+    model = NotLinears()
+    gm, result, graph_pass, expected = _run_pass(model, torch.randn(2, 3, 16), torch.randn(2, 16, 16))
+    assert not result.modified and count_of(gm, aten.linear.default) == 0
