@@ -109,13 +109,15 @@ def _tied_to_embedding(gm: GraphModule) -> set[int]:
 def plan(graph_module: GraphModule, config) -> WeightOnlyPlan:
     """Find the layers `config` quantizes in `graph_module` (see the module docstring)."""
     from .passes.manager import PassManager
+    from .passes.fold_constant_weights import FoldConstantWeights
     from .passes.matmul_to_linear import MatmulToLinear
 
     config.validate()
     for _, local in config.local_rules:
         if local is not None:
             local.validate()
-    PassManager([MatmulToLinear()])(graph_module)
+    fold = [FoldConstantWeights()] if FoldConstantWeights.applies(graph_module) else []
+    PassManager([*fold, MatmulToLinear()])(graph_module)
     tied = _tied_to_embedding(graph_module)
     layers, kept = {}, {}
     for node in graph_module.graph.nodes:

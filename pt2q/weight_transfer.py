@@ -171,6 +171,7 @@ def transfer_quantized_weights(source: GraphModule, target: GraphModule, *, pref
                                verify: bool = True) -> GraphModule:
     """`target` with the packed weights of `source` (see the module docstring). The returned graph's
     `meta` carries `source`'s quantization config; `meta[pt2q.meta.WEIGHT_TRANSFER_REPORT]` (a TransferReport) says what went where."""
+    from .passes.fold_constant_weights import FoldConstantWeights
     from .passes.manager import PassManager
     from .passes.matmul_to_linear import MatmulToLinear
 
@@ -183,8 +184,10 @@ def transfer_quantized_weights(source: GraphModule, target: GraphModule, *, pref
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                 category=FutureWarning)
         result = fresh_copy(target)
-    # As weight_only.plan does before quantizing: Conv1D-style addmm / mm become linear, so they match.
-    result, _ = PassManager([MatmulToLinear()])(result)
+    # As weight_only.plan does before quantizing: computed weights folded, Conv1D-style addmm / mm become
+    # linear, so they match.
+    fold = [FoldConstantWeights()] if FoldConstantWeights.applies(result) else []
+    result, _ = PassManager([*fold, MatmulToLinear()])(result)
     candidates = _float_weighted_nodes(result, prefix)
 
     missing, mismatched = [], []

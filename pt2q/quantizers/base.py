@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..isa import GUARD_BOUNDS, RESOLVED_GUARDS, resolve_saturation_guard
 from ..graph import class_path, get_constant, is_float_tensor, module_stack
 from ..passes.manager import PassManager
+from ..passes.fold_constant_weights import FoldConstantWeights
 from ..passes.matmul_to_linear import MatmulToLinear
 from .rules import ADD, FUSIONS, RULE_BY_OP, Role
 
@@ -281,8 +282,16 @@ class RuleQuantizer(Quantizer):
 
     # -- torchao Quantizer interface ------------------------------------------------------------
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
-        model, _ = PassManager([MatmulToLinear()])(model)
+        # A weight computed from constants (weight norm) is folded first, so it can be quantized; not for
+        # QAT, whose training keeps updating the parametrization's tensors.
+        fold = not self._is_qat() and FoldConstantWeights.applies(model)
+        passes = [FoldConstantWeights(), MatmulToLinear()] if fold else [MatmulToLinear()]
+        model, _ = PassManager(passes)(model)
         return model
+
+    def _is_qat(self) -> bool:
+        schemes = [self.global_scheme, *(s for _, s in self.module_name_rules), *(s for _, s in self.op_type_rules)]
+        return any(scheme is not None and scheme.qat for scheme in schemes)
 
     def annotate(self, model: GraphModule) -> GraphModule:
         self.annotated_nodes, self.applied_guards = {}, {}

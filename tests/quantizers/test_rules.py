@@ -106,18 +106,26 @@ def test_conv_variants_are_quantized(quantizer_cls):
     assert sorted(quantizer.annotated_nodes.values()) == ["conv"] * 3
 
 
-def test_runtime_weight_stays_fp32():
-    class Computed(nn.Module):
+def test_runtime_weight_stays_fp32_and_a_constant_computed_one_is_folded():
+    class Runtime(nn.Module):
         def __init__(self):
             super().__init__()
             self.weight = nn.Parameter(torch.randn(4, 4))
 
-        def forward(self, x):
-            return F.linear(x, self.weight * 2)
+        def forward(self, x, gain):
+            return F.linear(x, self.weight * gain)
 
-    converted, quantizer = quantize_with(X86Quantizer, Computed(), (torch.randn(2, 4),))
+    converted, quantizer = quantize_with(X86Quantizer, Runtime(), (torch.randn(2, 4), torch.tensor(2.0)))
     assert quantizer.annotated_nodes == {}
     assert count_of(converted, Q_PER_TENSOR, DQ_PER_CHANNEL) == 0
+
+    class Computed(Runtime):
+        def forward(self, x):
+            return F.linear(x, self.weight * 2)     # computed from constants only: folded, then quantized
+
+    converted, quantizer = quantize_with(X86Quantizer, Computed(), (torch.randn(2, 4),))
+    assert list(quantizer.annotated_nodes.values()) == ["linear"]
+    assert count_of(converted, DQ_PER_CHANNEL) == 1
 
 
 # -- unary activations after conv ---------------------------------------------------------------------
