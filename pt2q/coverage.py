@@ -10,6 +10,7 @@ pt2q's packed weight-only form). Each one left in float gets a reason:
 - "no quantizer rule for aten.<op>": no rule of the quantizer matches the op (MatmulToLinear did not
   turn it into a linear);
 - the weight-only plan's own reason (e.g. "weight is not a constant float tensor");
+- "weight computed from constants at run time": a parametrization FoldConstantWeights did not fold (QAT);
 - "left float by the quantizer" otherwise (a rule matched but the quantizer did not annotate it).
 
 The share counts weight *elements* (embeddings and tied LM heads excluded): a model with 99 small
@@ -43,6 +44,8 @@ WEIGHT_ARGUMENTS = {
     aten.matmul.default: (0, 1), aten.bmm.default: (0, 1), aten.baddbmm.default: (1, 2),
 }
 _DEQUANTIZE_NAMESPACES = ("quantized_decomposed", "pt2q", "pt2q_gaudi2", "pt2q_gaudi3")
+_WEIGHT_VIEWS = VIEW_OPS | {aten.numpy_T.default}
+COMPUTED = "weight computed from constants at run time"
 
 
 @dataclass
@@ -85,24 +88,31 @@ class CoverageReport:
                 for layer in self.float_layers]
 
 
-def _weight_source(graph_module: GraphModule, argument) -> tuple[torch.Tensor | None, bool]:
-    """(the constant tensor behind `argument`, through views; whether a dequantize produced it)."""
+def _weight_source(graph_module: GraphModule, argument) -> tuple[torch.Tensor | None, bool, bool]:
+    """(the constant tensor behind `argument`, through views; whether a dequantize produced it; whether
+    it is computed from constants at run time). A computed weight (a parametrization FoldConstantWeights
+    did not fold) comes back as its recorded value (meta["val"]: shape and dtype, for the count)."""
+    from .passes.fold_constant_weights import _closure
+
     node = argument
     while isinstance(node, Node):
         if node.op == "get_attr":
-            return get_constant(graph_module, node), False
+            return get_constant(graph_module, node), False, False
         if node.op != "call_function":
-            return None, False
+            return None, False, False
         if getattr(node.target, "namespace", None) in _DEQUANTIZE_NAMESPACES and "dequantize" in str(node.target):
-            return None, True
-        if node.target not in VIEW_OPS:
-            return None, False
+            return None, True, False
+        if node.target not in _WEIGHT_VIEWS:
+            value = node.meta.get("val")
+            computed = isinstance(value, torch.Tensor) and bool(_closure(node))
+            return (value, False, True) if computed else (None, False, False)
         node = node.args[0]
-    return None, False
+    return None, False, False
 
 
 def weighted_ops(graph_module: GraphModule):
-    """(node, weight tensor or None, quantized) for every op with a constant weight operand, in graph order."""
+    """(node, weight tensor or None, quantized, computed) for every op with a constant weight operand,
+    in graph order."""
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue
@@ -113,9 +123,9 @@ def weighted_ops(graph_module: GraphModule):
         for position in positions:
             if position >= len(operands):
                 continue
-            weight, quantized = _weight_source(graph_module, operands[position])
+            weight, quantized, computed = _weight_source(graph_module, operands[position])
             if quantized or (weight is not None and weight.is_floating_point() and weight.dim() >= 2):
-                yield node, weight, quantized
+                yield node, weight, quantized, computed
                 break
 
 
@@ -155,7 +165,7 @@ def coverage_report(graph_module: GraphModule, config=None) -> CoverageReport:
     quantizer = None if weight_only is not None else _quantizer_of(config)
     tied = _tied(graph_module)
     report = CoverageReport()
-    for node, weight, quantized in weighted_ops(graph_module):
+    for node, weight, quantized, computed in weighted_ops(graph_module):
         if quantized:
             report.quantized_layers += 1
             report.quantized_elements += _quantized_elements(graph_module, node)
@@ -164,7 +174,7 @@ def coverage_report(graph_module: GraphModule, config=None) -> CoverageReport:
         if id(weight) in tied and node.target is aten.linear.default:
             reason = TIED
         else:
-            reason = _reason(node, config, quantizer, kept)
+            reason = COMPUTED if computed else _reason(node, config, quantizer, kept)
             report.float_elements += elements
         report.float_layers.append(FloatLayer(node.name, module_fqn(node), str(node.target), elements, reason))
     return report

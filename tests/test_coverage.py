@@ -94,3 +94,17 @@ def test_weight_only_reasons_and_tied_heads_are_not_counted():
     report = qmodel.meta["pt2q_report"]
     assert report.quantized_layers == 1 and report.share == 1.0
     assert [layer.reason for layer in report.float_layers] == [TIED]
+
+
+def test_a_weight_computed_at_run_time_is_reported(monkeypatch):
+    from torch.nn.utils import parametrizations
+
+    from pt2q.coverage import COMPUTED
+    from pt2q.passes.fold_constant_weights import FoldConstantWeights
+
+    monkeypatch.setattr(FoldConstantWeights, "applies", staticmethod(lambda graph_module: False))  # as in QAT
+    model = torch.nn.Sequential(parametrizations.weight_norm(torch.nn.Conv1d(4, 4, 3)), torch.nn.Conv1d(4, 4, 1))
+    qmodel = pt2q.quantize(model.eval(), pt2q.StaticQuantConfig(), [(torch.randn(2, 4, 9),)], progress=False)
+    report = qmodel.meta["pt2q_report"]
+    assert [(layer.reason, layer.elements) for layer in report.float_layers] == [(COMPUTED, 4 * 4 * 3)]
+    assert report.share == pytest.approx(16 / (16 + 48))

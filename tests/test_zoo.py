@@ -6,7 +6,7 @@ import torch
 
 import pt2q
 from tests.conftest import PROCESS_ISA, ModelSnapshot, call, fp32_weighted_layers, rel_error
-from tests.models import ZOO_NAMES, build
+from tests.models import COVERAGE_NAMES, ZOO_NAMES, build
 
 REL_ERROR_BOUND = 0.03
 # ResNet's 4x4 feature map before pooling (last_hidden_state): 0.0298 with the histogram observer,
@@ -96,3 +96,18 @@ def test_training_flag_and_use_cache_survive_quantization():
     snap.assert_unchanged()
     assert zm.model.training and zm.model.config.use_cache is True
     assert pt2q.count_quantized_layers(qmodel) == zm.num_quantizable
+
+
+@pytest.mark.parametrize("name", COVERAGE_NAMES)
+def test_layers_the_rules_used_to_miss_are_quantized(name):
+    """Weight-normed convs and projections written as x @ W.T / matmul / einsum: every weight element
+    int8 (the coverage report, weight elements not module counts), accurate, the user's model unchanged."""
+    zm = build(name)
+    snap = ModelSnapshot(zm.model)
+    qmodel = pt2q.quantize(zm.model, pt2q.StaticQuantConfig(), [(zm.args, zm.kwargs)], progress=False,
+                           require_full_coverage=True)
+    snap.assert_unchanged()
+    report = qmodel.meta["pt2q_report"]
+    assert report.share >= 0.99 and not report.unexpected, report.lines()
+    error = rel_error(zm.output_fn(call(qmodel, zm.args, zm.kwargs)), zm.run())
+    assert 0 < error <= REL_ERROR_BOUND, f"{name}: relative error {error:.4f}"
