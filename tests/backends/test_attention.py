@@ -140,9 +140,9 @@ def tiny_bert():
 @needs_bf16
 def test_compile_runs_attention_in_the_kernel_for_a_quantized_graph(tiny_bert):
     model, batch, qmodel = tiny_bert
-    fused = inductor.compile(qmodel, batch)                        # "auto": a quantized graph, AVX512-BF16
+    fused = inductor.compile(qmodel, batch, attention="auto")     # a quantized graph, AVX512-BF16
     assert set(fused.attention_kernels.values()) == {"pt2q::attention_bf16"}
-    reference = inductor.compile(qmodel, batch, attention="aten")
+    reference = inductor.compile(qmodel, batch)                    # the default: ATen's attention
     assert reference.attention_kernels == {}
     with torch.no_grad():
         eager = qmodel(**batch).last_hidden_state

@@ -14,9 +14,9 @@
   (pt2q's fused GEMV kernels for one row, ATen's int8/int4 kernels otherwise; a table by ISA) on a copy
   of the graph (`weight_only.LowerWeightOnly`; the caller's model is
   untouched); what each layer got is `weight_only_kernels` (layer -> kernel name or "fallback: reason").
-- Attention (`aten.scaled_dot_product_attention`) of a quantized graph runs pt2q's fused bf16 attention
-  kernel where the CPU has AVX512-BF16 (`attention="auto"`; attention.LowerAttention, same copy); what
-  each attention got is `attention_kernels`.
+- Attention (`aten.scaled_dot_product_attention`) of a quantized graph can run pt2q's fused bf16
+  attention kernel where the CPU has AVX512-BF16 (`attention="auto"` / `"bf16"`, opt-in;
+  attention.LowerAttention, same copy); what each attention got is `attention_kernels`.
 """
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
             dynamic: bool | None = None, max_autotune: bool = False,
             guard_inputs: bool = True, dynamic_activations: bool = False,
             weight_only_activation_dtype: torch.dtype = torch.bfloat16,
-            attention: str = "auto") -> CompiledQuantModel:
+            attention: str = "aten") -> CompiledQuantModel:
     """Compile `qmodel` (from `pt2q.quantize`/`convert`, or any PT2E Q/DQ model) with Inductor.
 
     The first call happens here, on copies of `example_inputs`, so the returned callable is ready.
@@ -264,9 +264,11 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
     linear they replace (batch 1, 5632x2048 on 2 cores: int8 4.8 ms / int4 10 ms in fp32 vs 0.30 / 0.36 ms
     in bf16, fp32 F.linear 2.1 ms). `dynamic_activations`: int8 dynamic activations for 4-bit weights
     when torchao's da8w4 CPU kernel is available (not in the pinned torchao: the int4 kernel is used and
-    the reason logged). `attention`: "auto" (pt2q's fused bf16 attention kernel for a quantized graph
-    on a CPU with AVX512-BF16, ATen's SDPA otherwise), "bf16" (the kernel; an error without AVX512-BF16)
-    or "aten"; see attention.py and `attention_kernels`.
+    the reason logged). `attention`: "aten" (default: ATen's SDPA), "auto" (pt2q's fused bf16 attention
+    kernel for a quantized graph on a CPU with AVX512-BF16, ATen's otherwise) or "bf16" (the kernel; an
+    error without AVX512-BF16); see attention.py and `attention_kernels`. Not the default: on int8
+    MiniLM it is 1.20x faster end to end at one thread and batch 8, but slower at two threads and batch
+    32 (121.9 vs 106.8 ms, tools/bench_static.py), where ATen's SDPA parallelises better.
     """
     args, kwargs = normalize_inputs(example_inputs)
     if mixed_bf16 is None:
@@ -292,7 +294,7 @@ def compile(qmodel: GraphModule, example_inputs: Any, *, mixed_bf16: bool | None
 def compile_graph(qmodel: GraphModule, flat_inputs: tuple, *, guard_inputs: bool = True,
                   dynamic_activations: bool = False,
                   weight_only_activation_dtype: torch.dtype = torch.bfloat16,
-                  attention: str = "auto") -> CompiledQuantModel:
+                  attention: str = "aten") -> CompiledQuantModel:
     """Lower `qmodel` with Inductor's `compile_fx`, without Dynamo: for callers that already run inside
     a Dynamo compile (the `pt2q` torch.compile backend). Takes and returns flat tuples. The weight-only
     and attention options are `compile`'s."""
