@@ -292,3 +292,22 @@ def test_inductor_compile_runs_the_table_choice():
     choice = KERNEL_CHOICES[ISA.vector_isa]
     assert compiled.weight_only_kernels == {"linear": choice["decode"][8][0], "linear_1": choice["decode"][4][0]}
     assert rel_error(_output(compiled(x)), expected) < 1e-5
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, caplog):
+    """A build killed mid-way leaves torch's `lock` file, and the next load would wait forever."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(_get_build_directory=lambda name, verbose: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    kernel_library._remove_stale_lock(fake, "pt2q_kernels_x")
+    assert lock.exists()                                   # a build may be running right now
+    old = time.time() - kernel_library.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING"):
+        kernel_library._remove_stale_lock(fake, "pt2q_kernels_x")
+    assert not lock.exists() and "did not finish" in caplog.text
+    kernel_library._remove_stale_lock(fake, "pt2q_kernels_x")  # no lock: nothing to do

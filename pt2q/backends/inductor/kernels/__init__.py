@@ -68,6 +68,7 @@ def _build() -> str | None:
     try:
         from torch.utils import cpp_extension
 
+        _remove_stale_lock(cpp_extension, f"pt2q_kernels_{digest}")
         cpp_extension.load(name=f"pt2q_kernels_{digest}", sources=[str(here / name) for name in _COMPILED],
                            extra_cflags=["-O3"], extra_include_paths=[str(here)], is_python_module=False,
                            verbose=False)
@@ -78,6 +79,29 @@ def _build() -> str | None:
         torch.library.register_fake(f"pt2q::{name}")(_fake)
     torch.library.register_fake("pt2q::attention_bf16")(_fake_attention)
     return None
+
+
+STALE_LOCK_SECONDS = 600
+
+
+def _remove_stale_lock(cpp_extension, name: str) -> None:
+    """torch's extension build waits, without a limit, for the `lock` file of a build that was killed
+    (seen here: a process interrupted mid-build left one, and every later process hung). A lock older
+    than STALE_LOCK_SECONDS (a build takes ~30 s) is taken as left over and removed, with a warning."""
+    import os
+    import time
+
+    lock = Path(cpp_extension._get_build_directory(name, False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("pt2q kernels: removing %s, left %.0f s ago by a build that did not finish", lock, age)
+        try:
+            os.remove(lock)
+        except FileNotFoundError:
+            pass
 
 
 def _fake_attention(q, k, v, mask, scale, is_causal):
