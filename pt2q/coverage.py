@@ -27,7 +27,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import CoverageError
-from .graph import VIEW_OPS, get_constant, module_fqn
+from .graph import VIEW_OPS, WEIGHT_ARGUMENTS, get_constant, module_fqn
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -36,13 +36,6 @@ SET_LOCAL = "set_local(..., None)"
 TIED = "LM head / tied embedding (not counted)"
 UNEXPLAINED = "left float by the quantizer"
 LM_HEAD_KEPT = "LM head / tied embedding"   # weight-only's default (pt2q.weight_only.plan)
-# op -> positions of the arguments that may be the constant weight
-WEIGHT_ARGUMENTS = {
-    aten.linear.default: (1,), aten.conv1d.default: (1,), aten.conv2d.default: (1,), aten.conv3d.default: (1,),
-    aten.convolution.default: (1,), aten.conv_transpose1d.default: (1,), aten.conv_transpose2d.input: (1,),
-    aten.conv_transpose3d.input: (1,), aten.addmm.default: (1, 2), aten.mm.default: (0, 1),
-    aten.matmul.default: (0, 1), aten.bmm.default: (0, 1), aten.baddbmm.default: (1, 2),
-}
 _DEQUANTIZE_NAMESPACES = ("quantized_decomposed", "pt2q", "pt2q_gaudi2", "pt2q_gaudi3")
 _WEIGHT_VIEWS = VIEW_OPS | {aten.numpy_T.default}
 COMPUTED = "weight computed from constants at run time"
@@ -134,7 +127,7 @@ def _tied(graph_module: GraphModule) -> set[int]:
             if n.op == "call_function" and n.target is aten.embedding.default}
 
 
-def _reason(node: Node, config, quantizer, weight_only_kept: dict) -> str:
+def _reason(node: Node, quantizer, weight_only_kept: dict) -> str:
     if node.name in weight_only_kept:
         return weight_only_kept[node.name]
     if quantizer is not None:
@@ -174,7 +167,7 @@ def coverage_report(graph_module: GraphModule, config=None) -> CoverageReport:
         if id(weight) in tied and node.target is aten.linear.default:
             reason = TIED
         else:
-            reason = COMPUTED if computed else _reason(node, config, quantizer, kept)
+            reason = COMPUTED if computed else _reason(node, quantizer, kept)
             report.float_elements += elements
         report.float_layers.append(FloatLayer(node.name, module_fqn(node), str(node.target), elements, reason))
     return report
@@ -185,7 +178,7 @@ def _quantized_elements(graph_module: GraphModule, node: Node) -> int:
     packed weights hold several codes per element: their recorded shape is used first)."""
     for argument in node.args[:3]:
         source = argument
-        while isinstance(source, Node) and source.op == "call_function" and source.target in VIEW_OPS:
+        while isinstance(source, Node) and source.op == "call_function" and source.target in _WEIGHT_VIEWS:
             source = source.args[0]
         if not (isinstance(source, Node) and source.op == "call_function" and "dequantize" in str(source.target)):
             continue

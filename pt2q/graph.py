@@ -15,6 +15,15 @@ VIEW_OPS = frozenset({
     aten.expand.default, aten.slice.Tensor, aten.select.int, aten.alias.default,
 })
 
+# weighted op -> positions of the arguments that may be its constant weight; the last one is where the
+# weight sits when the op is written as a layer (addmm: mat2; mm / matmul / bmm: the right operand)
+WEIGHT_ARGUMENTS = {
+    aten.linear.default: (1,), aten.conv1d.default: (1,), aten.conv2d.default: (1,), aten.conv3d.default: (1,),
+    aten.convolution.default: (1,), aten.conv_transpose1d.default: (1,), aten.conv_transpose2d.input: (1,),
+    aten.conv_transpose3d.input: (1,), aten.addmm.default: (1, 2), aten.mm.default: (0, 1),
+    aten.matmul.default: (0, 1), aten.bmm.default: (0, 1), aten.baddbmm.default: (1, 2),
+}
+
 
 def tensor_meta(node) -> torch.Tensor | None:
     """The fake tensor export recorded for `node`'s output, or None when it is not a single tensor."""

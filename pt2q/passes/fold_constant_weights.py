@@ -4,7 +4,7 @@
 any `register_parametrization`) exports as ops that rebuild the weight on every call:
 `conv1d(x, _weight_norm(v, g, dim), bias)`. Nothing quantizes a computed weight, so such layers stayed
 float (the positional conv of speech encoders). This pass evaluates, once, every weight argument of a
-weighted op (`WEIGHT_POSITION`: linear, convolutions, addmm, ...) that is computed from
+weighted op (graph.WEIGHT_ARGUMENTS: linear, convolutions, addmm, ...) that is computed from
 constants only, stores the result as a new constant and points the op at it. The parametrization's own
 tensors stay (other users may read them); the user's module is not touched.
 
@@ -19,47 +19,42 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..graph import VIEW_OPS, add_constant, get_constant
+from ..graph import VIEW_OPS, WEIGHT_ARGUMENTS, add_constant, get_constant
 from .manager import Pass
 
 _RANDOM = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial")
-aten = torch.ops.aten
-# weighted op -> the position of its weight argument
-WEIGHT_POSITION = {
-    aten.linear.default: 1, aten.conv1d.default: 1, aten.conv2d.default: 1, aten.conv3d.default: 1,
-    aten.convolution.default: 1, aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 1,
-    aten.conv_transpose3d.input: 1, aten.addmm.default: 2, aten.mm.default: 1, aten.matmul.default: 1,
-    aten.bmm.default: 1, aten.baddbmm.default: 2,
-}
 
 
 def _closure(node: Node) -> list[Node] | None:
-    """The call_function nodes `node` is computed from, producers first, if only constants feed them."""
+    """The call_function nodes `node` is computed from, producers first, if only constants feed them.
+    Iterative (a weight may sit thousands of nodes deep: a recursive walk ran out of stack); stops at
+    the first input, random op or other node that is not a constant."""
     order: list[Node] = []
     seen: set[Node] = set()
-
-    def visit(current: Node) -> bool:
+    stack: list[tuple[Node, bool]] = [(node, False)]
+    while stack:
+        current, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(current)
+            continue
         if current in seen:
-            return True
+            continue
         seen.add(current)
         if current.op == "get_attr":
-            return True
+            continue
         if current.op != "call_function" or any(word in str(current.target) for word in _RANDOM):
-            return False
-        if not all(visit(arg) for arg in current.all_input_nodes):
-            return False
-        order.append(current)
-        return True
-
-    return order if visit(node) else None
+            return None
+        stack.append((current, True))
+        stack.extend((arg, False) for arg in reversed(current.all_input_nodes) if arg not in seen)
+    return order
 
 
 def _candidates(graph_module: GraphModule):
     """(weighted op, its weight node, the nodes computing it) for each weight this pass folds."""
     for node in list(graph_module.graph.nodes):
-        if node.op != "call_function" or node.target not in WEIGHT_POSITION:
+        if node.op != "call_function" or node.target not in WEIGHT_ARGUMENTS:
             continue
-        position = WEIGHT_POSITION[node.target]
+        position = WEIGHT_ARGUMENTS[node.target][-1]  # the weight's place (addmm: mat2, mm / matmul: the right)
         if position >= len(node.args) or not isinstance(node.args[position], Node):
             continue
         weight = node.args[position]

@@ -66,3 +66,17 @@ def test_weights_fed_by_an_input_or_only_views_are_left_alone():
     gm = pt2q.capture(Dynamic(), (torch.randn(3, 8), torch.tensor(2.0)))
     fold = FoldConstantWeights()
     assert not fold.call(gm).modified and fold.report == []
+
+
+def test_a_weight_behind_thousands_of_nodes_does_not_exhaust_the_stack():
+    """The constant check walks a weight's producers: 1500 adds from an input (a deep residual stream)."""
+    class Deep(nn.Module):
+        def forward(self, x, y):
+            for _ in range(1500):
+                y = y + 1.0
+            return torch.matmul(x, y)
+
+    gm = pt2q.capture(Deep(), (torch.randn(4, 4), torch.randn(4, 4)))
+    assert not FoldConstantWeights.applies(gm)
+    qmodel = pt2q.quantize(Deep(), pt2q.StaticQuantConfig(), [(torch.randn(4, 4), torch.randn(4, 4))], progress=False)
+    assert qmodel.meta["pt2q_report"].float_layers == []     # an activation "weight": not a weighted op
